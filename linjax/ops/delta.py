@@ -1,0 +1,218 @@
+"""The delta rule: DeltaNet, gated DeltaNet (g given), negative eigenvalues (beta up to 2).
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = scale * q_t S_t
+
+q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: None or [B, T, H] (log decay <= 0);
+state [B, H, K, V] float32. Keys are used as given (DeltaNet L2-normalises them beforehand).
+
+Chunkwise form (WY / UT representation). Inside a chunk with chunk-local cumsum b of g and
+start state S0, the "new values" u_t = beta_t (v_t - exp(g_t) k_t^T S_{t-1}) satisfy
+
+    (I + L) U = diag(beta) V - diag(beta exp(b)) K S0,   L_tj = beta_t (k_t . k_j) exp(b_t - b_j), j < t
+
+so with T = (I + L)^-1 (a unit lower-triangular solve in float32), W = T diag(beta exp(b)) K
+and U0 = T diag(beta) V:  U = U0 - W S0,
+    o = scale [ (q * exp(b)) S0 + tril(Q K^T * exp(b_i - b_j)) U ]
+    S_end = exp(b_C) S0 + (K * exp(b_C - b))^T U  =  M S0 + Hc,
+    M = exp(b_C) I - (K * exp(b_C - b))^T W,  Hc = (K * exp(b_C - b))^T U0.
+"chunk" runs S_end = M S0 + Hc (through U) with lax.scan over chunks; "assoc_scan" composes
+the affine maps (M, Hc) with jax.lax.associative_scan (K x K transitions); "parallel" is the
+same with one chunk of length T. Every exp is of a number <= 0.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from linjax.ops import varlen
+from linjax.ops._checks import check_rank
+from linjax.ops._common import F32, METHODS, dot, masked_exp, pad_time, pallas_kernel, resolve_method
+from linjax.ops.gla import SUB_CHUNK, _check_inputs
+
+
+def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
+               output_final_state=False, cu_seqlens=None, method="auto", chunk_size=64,
+               max_seqlen=None):
+  """(Gated) delta rule. Returns (o [B, T, H, V] in v's dtype, final_state or None).
+
+  Args:
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 2) for negative eigenvalues).
+    g: None or [B, T, H] log decay (<= 0): gated DeltaNet.
+    Other arguments as `linjax.ops.gla`.
+  """
+  L = _check_inputs(q, k, v, None, initial_state, cu_seqlens, chunk_size, False, max_seqlen)
+  B, T, H, K = q.shape
+  if getattr(beta, "shape", None) != (B, T, H):
+    raise ValueError(f"`beta` must have shape [B, T, H] = {(B, T, H)}, got "
+                     f"{getattr(beta, 'shape', None)}")
+  if not jnp.issubdtype(beta.dtype, jnp.floating):
+    raise ValueError(f"`beta` must be a floating array, got dtype {beta.dtype}")
+  if g is not None:
+    if getattr(g, "shape", None) != (B, T, H):
+      raise ValueError(f"`g` for delta_rule must have shape [B, T, H] = {(B, T, H)} (one decay "
+                       f"per head), got {getattr(g, 'shape', None)}")
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+      raise ValueError(f"`g` must be a floating array (log decay <= 0), got {g.dtype}")
+  scale = K ** -0.5 if scale is None else scale
+  method = resolve_method(method, "delta_rule_chunk")
+  if method == "pallas":
+    o, S = pallas_kernel("delta_rule_chunk")(
+        q, k, v, beta, g, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        interpret=jax.default_backend() == "cpu")
+  else:
+    run = functools.partial(_delta_dense, scale=scale, method=method, chunk_size=chunk_size)
+    if cu_seqlens is None:
+      o, S = run(q, k, v, beta, g, initial_state)
+    else:
+      up = lambda x: varlen.unpack(x, cu_seqlens, L)
+      o, S = run(up(q), up(k), up(v), up(beta), up(g), initial_state)
+      o = varlen.repack(o, cu_seqlens, T)
+  return o.astype(v.dtype), (S if output_final_state else None)
+
+
+def delta_rule_step(state, q, k, v, beta, g=None, *, scale=None):
+  """One decoding step: (state, token) -> (o_t, new_state).
+
+  q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: None or [B, H]; state [B, H, K, V] float32
+  or None. [B, 1, H, .] inputs (beta, g [B, 1, H]) are accepted and o keeps the time axis.
+  """
+  timed = getattr(q, "ndim", 0) == 4
+  if timed:
+    if q.shape[1] != 1:
+      raise ValueError(f"`q` for delta_rule_step must be [B, H, K] or [B, 1, H, K], got {q.shape}")
+    q, k, v, beta = q[:, 0], k[:, 0], v[:, 0], beta[:, 0]
+    g = None if g is None else g[:, 0]
+  check_rank("q", q, 3, "[B, H, K]")
+  B, H, K = q.shape
+  if getattr(k, "shape", None) != q.shape:
+    raise ValueError(f"`k` must have shape [B, H, K] = {q.shape}, got {getattr(k, 'shape', None)}")
+  check_rank("v", v, 3, "[B, H, V]")
+  if v.shape[:2] != (B, H):
+    raise ValueError(f"`v` must have shape [B, H, V] = ({B}, {H}, V), got {v.shape}")
+  if getattr(beta, "shape", None) != (B, H):
+    raise ValueError(f"`beta` must have shape [B, H] = {(B, H)}, got {getattr(beta, 'shape', None)}")
+  if g is not None and getattr(g, "shape", None) != (B, H):
+    raise ValueError(f"`g` must have shape [B, H] = {(B, H)}, got {getattr(g, 'shape', None)}")
+  V = v.shape[-1]
+  scale = K ** -0.5 if scale is None else scale
+  if state is None:
+    state = jnp.zeros((B, H, K, V), F32)
+  elif getattr(state, "shape", None) != (B, H, K, V):
+    raise ValueError(f"`state` must have shape [B, H, K, V] = {(B, H, K, V)}, got "
+                     f"{getattr(state, 'shape', None)}")
+  S = _delta_token(state.astype(F32), k.astype(F32), v.astype(F32), beta.astype(F32),
+                   None if g is None else g.astype(F32))
+  o = (scale * jnp.einsum("bhk,bhkv->bhv", q.astype(F32), S)).astype(v.dtype)
+  return (o[:, None] if timed else o), S
+
+
+def _delta_token(S, kt, vt, bt, gt):
+  if gt is not None:
+    S = S * jnp.exp(gt)[..., None, None]
+  pred = jnp.einsum("bhk,bhkv->bhv", kt, S)
+  return S + bt[..., None, None] * kt[..., :, None] * (vt - pred)[..., None, :]
+
+
+# ----------------------------------------------------------------------------- dense methods
+
+def _delta_dense(q, k, v, beta, g, h0, *, scale, method, chunk_size):
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  h0 = jnp.zeros((B, H, K, V), F32) if h0 is None else h0.astype(F32)
+  if method == "recurrent":
+    return _delta_recurrent(q, k, v, beta, g, h0, scale)
+  if method == "parallel":
+    C = max(T + (-T) % SUB_CHUNK, SUB_CHUNK)
+    return _delta_chunked(q, k, v, beta, g, h0, scale, C, "none")
+  if method in ("chunk", "assoc_scan"):
+    return _delta_chunked(q, k, v, beta, g, h0, scale, chunk_size,
+                          "scan" if method == "chunk" else "assoc")
+  raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+
+
+def _delta_recurrent(q, k, v, beta, g, h0, scale):
+  tm = lambda x: None if x is None else jnp.moveaxis(x.astype(F32), 1, 0)
+
+  def body(S, xs):
+    qt, kt, vt, bt, gt = xs
+    S = _delta_token(S, kt, vt, bt, gt)
+    return S, scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
+
+  S, o = lax.scan(body, h0, (tm(q), tm(k), tm(v), tm(beta), tm(g)))
+  return jnp.moveaxis(o, 0, 1), S
+
+
+def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter):
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  q, k, v, beta, g = (pad_time(x, C) for x in (q, k, v, beta, g))
+  n = q.shape[1] // C
+  blk = lambda x: None if x is None else jnp.moveaxis(
+      x.reshape((B, n, C) + x.shape[2:]), 3, 1)           # [B, H, n, C, (D)]
+  q, k, v = blk(q), blk(k), blk(v)
+  beta = blk(beta).astype(F32)                             # [B, H, n, C]
+  cdt = q.dtype
+  causal = jnp.tril(jnp.ones((C, C), bool))
+  strict = jnp.tril(jnp.ones((C, C), bool), -1)
+
+  kk = dot("bhnik,bhnjk->bhnij", k, k)
+  qk = dot("bhnik,bhnjk->bhnij", q, k)
+  if g is None:
+    b = None
+    L = jnp.where(strict, beta[..., :, None] * kk, 0.0)
+    Aq = jnp.where(causal, qk, 0.0)
+    eb = jnp.ones_like(beta)
+    e_last = jnp.ones_like(beta)
+  else:
+    b = jnp.cumsum(blk(g).astype(F32), axis=-1)            # chunk-local, [B, H, n, C]
+    diff = b[..., :, None] - b[..., None, :]
+    L = beta[..., :, None] * kk * masked_exp(diff, strict)
+    Aq = qk * masked_exp(diff, causal)
+    eb = jnp.exp(b)
+    e_last = jnp.exp(b[..., -1:] - b)
+  kf = k.astype(F32)
+  rhs = jnp.concatenate([(beta * eb)[..., None] * kf, beta[..., None] * v.astype(F32)], -1)
+  eye = jnp.eye(C, dtype=F32)
+  sol = lax.linalg.triangular_solve(eye + L, rhs, left_side=True, lower=True,
+                                    unit_diagonal=True)
+  W, U0 = sol[..., :K], sol[..., K:]                       # [B,H,n,C,K], [B,H,n,C,V]
+  q_dec = q.astype(F32) * eb[..., None]
+  k_dec = kf * e_last[..., None]
+  a_last = jnp.exp(b[..., -1]) if b is not None else jnp.ones(beta.shape[:-1], F32)
+
+  def outputs(S0, W, U0, Aq, q_dec, k_dec, a):
+    U = U0 - dot("...ck,...kv->...cv", W, S0)
+    o = scale * (dot("...ck,...kv->...cv", q_dec, S0) + dot("...ij,...jv->...iv", Aq, U))
+    S1 = a[..., None, None] * S0 + dot("...ck,...cv->...kv", k_dec, U)
+    return o, S1
+
+  if inter in ("scan", "none") or n == 1:
+    mv = lambda x: jnp.moveaxis(x, 2, 0)
+
+    def body(S, xs):
+      o, S1 = outputs(S, *xs)
+      return S1, o
+
+    S_final, o = lax.scan(body, h0, tuple(map(mv, (W, U0, Aq, q_dec, k_dec, a_last))))
+    o = jnp.moveaxis(o, 0, 2)                              # [B, H, n, C, V]
+  else:
+    M = a_last[..., None, None] * jnp.eye(K, dtype=F32) - dot("...ck,...cj->...kj", k_dec, W)
+    Hc = dot("...ck,...cv->...kv", k_dec, U0)
+
+    def combine(x, y):  # apply x then y
+      M1, H1 = x
+      M2, H2 = y
+      return (jnp.einsum("...ij,...jk->...ik", M2, M1),
+              jnp.einsum("...ij,...jv->...iv", M2, H1) + H2)
+
+    Mp, Hp = lax.associative_scan(combine, (M, Hc), axis=2)
+    S_end = jnp.einsum("bhnij,bhjv->bhniv", Mp, h0) + Hp
+    S_start = jnp.concatenate([h0[:, :, None], S_end[:, :, :-1]], axis=2)
+    o, _ = outputs(S_start, W, U0, Aq, q_dec, k_dec, a_last)
+    S_final = S_end[:, :, -1]
+  o = jnp.moveaxis(o, 1, 3).reshape(B, n * C, H, V)[:, :T]
+  return o, S_final

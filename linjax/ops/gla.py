@@ -1,0 +1,310 @@
+"""The gated linear family: linear attention, retention / Lightning / simple GLA, GLA.
+
+    S_t = exp(g_t) * S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
+
+q, k: [B, T, H, K]; v: [B, T, H, V]; state [B, H, K, V] float32 whatever the input dtype.
+g (log forget gate, <= 0): None (plain linear attention), [B, T, H] (one decay per head) or
+[B, T, H, K] (one per key channel, GLA).
+
+Methods (one `method=` argument; all agree with `linjax.ops.reference.gla`):
+  recurrent   lax.scan over tokens, state in float32.
+  parallel    quadratic and masked: the chunk form below with a single chunk of length T.
+  chunk       chunkwise: intra-chunk masked attention + a lax.scan over chunk states.
+  assoc_scan  like chunk, but the chunk states come from jax.lax.associative_scan over the
+              per-chunk affine maps (decay vector, state contribution).
+  pallas      `pallas_kernels.gla_chunk` (GPU / TPU; interpret mode on CPU).
+  auto        pallas on GPU / TPU when the kernel exists, else chunk.
+
+Numerics: gate cumulative sums are chunk-local and float32; every `exp` is of a number <= 0
+(masks are applied before the exp). Per-channel gates use sub-chunks of 16 anchored inside
+the chunk: off-diagonal sub-chunk blocks factor exp(b_i - b_j) = exp(b_i - b_p) exp(b_p - b_j)
+at the token p just before the query sub-chunk (both factors <= 1), diagonal blocks form the
+masked [16, 16, K] decay directly. Odd lengths are padded inside (k = v = g = 0 leaves the
+state unchanged) and never visible outside.
+
+normalize=True (for positive feature maps) divides by the running key-sum denominator
+scale * q_t z_t, z_t = exp(g_t) z_{t-1} + k_t. It is computed by running the op on v with a
+column of ones appended: the state is then [B, H, K, V + 1] and its last column is z. Pass
+and expect that [.., V + 1] state as `initial_state` / final state (and to `gla_step`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from linjax.ops import varlen
+from linjax.ops._checks import check_rank
+from linjax.ops._common import F32, METHODS, dot, masked_exp, pad_time, pallas_kernel, resolve_method
+
+SUB_CHUNK = 16
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size, normalize, max_seqlen,
+                  extra_v=0):
+  check_rank("q", q, 4, "[B, T, H, K]")
+  B, T, H, K = q.shape
+  if getattr(k, "shape", None) != q.shape:
+    raise ValueError(f"`k` must have shape [B, T, H, K] = {q.shape} like q, got "
+                     f"{getattr(k, 'shape', None)}")
+  check_rank("v", v, 4, "[B, T, H, V]")
+  if v.shape[:3] != (B, T, H):
+    raise ValueError(f"`v` must have shape [B, T, H, V] = ({B}, {T}, {H}, V), got {v.shape}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"`{name}` must be a floating array, got dtype {x.dtype}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"`q`, `k`, `v` must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if g is not None:
+    if getattr(g, "shape", None) not in ((B, T, H), (B, T, H, K)):
+      raise ValueError(f"`g` must have shape [B, T, H] = {(B, T, H)} or [B, T, H, K] = "
+                       f"{(B, T, H, K)}, got {getattr(g, 'shape', None)}")
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+      raise ValueError(f"`g` must be a floating array (log forget gate <= 0), got {g.dtype}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+  if cu_seqlens is not None:
+    L = varlen.check_cu_seqlens(cu_seqlens, T, B, max_seqlen)
+    N = varlen.num_seqs(cu_seqlens)
+  else:
+    L, N = None, B
+  V = v.shape[-1] + extra_v
+  if initial_state is not None:
+    want = (N, H, K, V)
+    if getattr(initial_state, "shape", None) != want:
+      what = "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]"
+      if normalize:
+        what = what[:-2] + "V + 1] (normalize=True keeps the key sum as a last column)"
+      raise ValueError(f"`initial_state` must have shape {what} = {want}, got "
+                       f"{getattr(initial_state, 'shape', None)}")
+  return L
+
+
+# ----------------------------------------------------------------------------- public op
+
+def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False,
+        cu_seqlens=None, method="auto", chunk_size=64, normalize=False, max_seqlen=None,
+        eps=1e-6):
+  """Gated linear attention. Returns (o [B, T, H, V] in v's dtype, final_state or None).
+
+  Args:
+    q, k: [B, T, H, K]; v: [B, T, H, V].
+    g: None, [B, T, H] or [B, T, H, K] log forget gate (<= 0).
+    scale: defaults to K ** -0.5.
+    initial_state: [B, H, K, V] (or [N, H, K, V] with cu_seqlens; V + 1 with normalize).
+    output_final_state: return the float32 final state.
+    cu_seqlens: [N + 1] int offsets of a packed batch (B = 1); the state resets per sequence.
+    method: one of METHODS. chunk_size: chunk length for chunk / assoc_scan / pallas.
+    normalize: divide by the decayed key-sum denominator (positive feature maps only).
+    max_seqlen: longest packed sequence (default: computed from concrete cu_seqlens, else T).
+    eps: added to the normalize denominator.
+  """
+  L = _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size, normalize, max_seqlen,
+                    extra_v=1 if normalize else 0)
+  K = q.shape[-1]
+  scale = K ** -0.5 if scale is None else scale
+  method = resolve_method(method, "gla_chunk")
+  out_dtype = v.dtype
+  V = v.shape[-1]
+  if normalize:
+    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+  if method == "pallas":
+    o, S = pallas_kernel("gla_chunk")(
+        q, k, v, g, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        interpret=jax.default_backend() == "cpu")
+    o = o.astype(F32)
+  else:
+    run = functools.partial(_gla_dense, scale=scale, method=method, chunk_size=chunk_size)
+    if cu_seqlens is None:
+      o, S = run(q, k, v, g, initial_state)
+    else:
+      T = q.shape[1]
+      up = lambda x: varlen.unpack(x, cu_seqlens, L)
+      o, S = run(up(q), up(k), up(v), up(g), initial_state)
+      o = varlen.repack(o, cu_seqlens, T)
+  if normalize:
+    o = o[..., :V] / (o[..., V:] + eps)
+  return o.astype(out_dtype), (S if output_final_state else None)
+
+
+def gla_step(state, q, k, v, g=None, *, scale=None, normalize=False, eps=1e-6):
+  """One decoding step: (state, token) -> (o_t, new_state).
+
+  q, k: [B, H, K]; v: [B, H, V]; g: None, [B, H] or [B, H, K]; state: [B, H, K, V] float32
+  ([B, H, K, V + 1] with normalize=True) or None for zeros. A single-token time axis
+  ([B, 1, H, .] inputs, g [B, 1, H(, K)]) is accepted too and kept in o.
+  Returns o ([B, H, V] or [B, 1, H, V], v's dtype) and the float32 state.
+  """
+  timed = getattr(q, "ndim", 0) == 4
+  if timed:
+    if q.shape[1] != 1:
+      raise ValueError(f"`q` for gla_step must be [B, H, K] or [B, 1, H, K], got {q.shape}")
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    g = None if g is None else g[:, 0]
+  check_rank("q", q, 3, "[B, H, K]")
+  B, H, K = q.shape
+  if getattr(k, "shape", None) != q.shape:
+    raise ValueError(f"`k` must have shape [B, H, K] = {q.shape}, got {getattr(k, 'shape', None)}")
+  check_rank("v", v, 3, "[B, H, V]")
+  if v.shape[:2] != (B, H):
+    raise ValueError(f"`v` must have shape [B, H, V] = ({B}, {H}, V), got {v.shape}")
+  if g is not None and getattr(g, "shape", None) not in ((B, H), (B, H, K)):
+    raise ValueError(f"`g` must have shape [B, H] or [B, H, K] = {(B, H, K)}, got "
+                     f"{getattr(g, 'shape', None)}")
+  scale = K ** -0.5 if scale is None else scale
+  V = v.shape[-1]
+  out_dtype = v.dtype
+  if normalize:
+    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+  Vs = v.shape[-1]
+  if state is None:
+    state = jnp.zeros((B, H, K, Vs), F32)
+  elif getattr(state, "shape", None) != (B, H, K, Vs):
+    raise ValueError(f"`state` must have shape [B, H, K, V{' + 1' if normalize else ''}] = "
+                     f"{(B, H, K, Vs)}, got {getattr(state, 'shape', None)}")
+  S = state.astype(F32)
+  if g is not None:
+    decay = jnp.exp(g.astype(F32))
+    S = S * (decay[..., None, None] if decay.ndim == 2 else decay[..., None])
+  S = S + k.astype(F32)[..., :, None] * v.astype(F32)[..., None, :]
+  o = scale * jnp.einsum("bhk,bhkv->bhv", q.astype(F32), S)
+  if normalize:
+    o = o[..., :V] / (o[..., V:] + eps)
+  o = o.astype(out_dtype)
+  return (o[:, None] if timed else o), S
+
+
+# ----------------------------------------------------------------------------- dense methods
+
+def _gla_dense(q, k, v, g, h0, *, scale, method, chunk_size):
+  """Dense batch (no cu_seqlens). Returns (o float32, final state float32)."""
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  h0 = jnp.zeros((B, H, K, V), F32) if h0 is None else h0.astype(F32)
+  if method == "recurrent":
+    return _gla_recurrent(q, k, v, g, h0, scale)
+  if method == "parallel":
+    C = max(T + (-T) % SUB_CHUNK, SUB_CHUNK)
+    return _gla_chunked(q, k, v, g, h0, scale, C, "none")
+  if method in ("chunk", "assoc_scan"):
+    return _gla_chunked(q, k, v, g, h0, scale, chunk_size,
+                        "scan" if method == "chunk" else "assoc")
+  raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+
+
+def _gla_recurrent(q, k, v, g, h0, scale):
+  tm = lambda x: None if x is None else jnp.moveaxis(x.astype(F32), 1, 0)
+
+  def body(S, xs):
+    qt, kt, vt, gt = xs                       # [B,H,K], [B,H,K], [B,H,V], None|[B,H]|[B,H,K]
+    if gt is not None:
+      decay = jnp.exp(gt)
+      S = S * (decay[..., None, None] if decay.ndim == 2 else decay[..., None])
+    S = S + kt[..., :, None] * vt[..., None, :]
+    return S, scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
+
+  S, o = lax.scan(body, h0, (tm(q), tm(k), tm(v), tm(g)))
+  return jnp.moveaxis(o, 0, 1), S
+
+
+def _gla_chunked(q, k, v, g, h0, scale, C, inter):
+  """Chunkwise form. inter: 'scan' (lax.scan over chunks), 'assoc' (associative scan) or
+  'none' (a single chunk: the parallel form)."""
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  q, k, v, g = (pad_time(x, C) for x in (q, k, v, g))
+  n = q.shape[1] // C
+  # [B, T, H, D] -> [B, H, n, C, D]
+  blk = lambda x: None if x is None else jnp.moveaxis(
+      x.reshape((B, n, C) + x.shape[2:]), 3, 1)
+  q, k, v = blk(q), blk(k), blk(v)
+  cdt = q.dtype
+  causal = jnp.tril(jnp.ones((C, C), bool))
+
+  if g is None:
+    A = jnp.where(causal, dot("bhnik,bhnjk->bhnij", q, k), 0.0)
+    q_dec, k_dec, a = q, k, None
+  elif g.ndim == 3:                                       # per head
+    b = jnp.cumsum(blk(g).astype(F32), axis=-1)          # [B,H,n,C], chunk-local
+    A = dot("bhnik,bhnjk->bhnij", q, k) * masked_exp(b[..., :, None] - b[..., None, :], causal)
+    q_dec = (q * jnp.exp(b)[..., None]).astype(cdt)
+    k_dec = (k * jnp.exp(b[..., -1:] - b)[..., None]).astype(cdt)
+    a = jnp.exp(b[..., -1])[..., None, None]             # [B,H,n,1,1]
+  else:                                                   # per channel
+    b = jnp.cumsum(blk(g).astype(F32), axis=-2)          # [B,H,n,C,K]
+    A = _intra_per_channel(q, k, b, C)
+    q_dec = (q * jnp.exp(b)).astype(cdt)
+    k_dec = (k * jnp.exp(b[..., -1:, :] - b)).astype(cdt)
+    a = jnp.exp(b[..., -1, :])[..., None]                # [B,H,n,K,1]
+
+  o_intra = dot("bhnij,bhnjv->bhniv", A.astype(cdt), v)
+  Hc = dot("bhnjk,bhnjv->bhnkv", k_dec, v)                # chunk's own state contribution
+
+  if a is None:
+    a = jnp.ones((1, 1, 1, 1, 1), F32)
+  S_start, S_final = _chunk_states(a, Hc, h0, inter)     # [B,H,n,K,V], [B,H,K,V]
+  o = scale * (dot("bhnik,bhnkv->bhniv", q_dec, S_start.astype(cdt)) + o_intra)
+  o = jnp.moveaxis(o, 1, 3).reshape(B, n * C, H, V)[:, :T]
+  return o, S_final
+
+
+def _chunk_states(a, Hc, h0, inter):
+  """States at the start of every chunk given S_end = a * S_start + Hc (a broadcasts)."""
+  n = Hc.shape[2]
+  a = jnp.broadcast_to(a, Hc.shape[:3] + a.shape[3:])
+  if inter == "none" or n == 1:
+    return h0[:, :, None], a[:, :, 0] * h0 + Hc[:, :, 0]
+  if inter == "scan":
+    def body(S, xs):
+      ac, hc = xs
+      return ac * S + hc, S
+    S_final, S_start = lax.scan(body, h0, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(Hc, 2, 0)))
+    return jnp.moveaxis(S_start, 0, 2), S_final
+  # associative scan over affine maps S -> a S + h
+  def combine(x, y):
+    a1, h1 = x
+    a2, h2 = y
+    return a1 * a2, a2 * h1 + h2
+  ap, hp = lax.associative_scan(combine, (a, Hc), axis=2)
+  S_end = ap * h0[:, :, None] + hp
+  S_start = jnp.concatenate([h0[:, :, None], S_end[:, :, :-1]], axis=2)
+  return S_start, S_end[:, :, -1]
+
+
+def _intra_per_channel(q, k, b, C):
+  """A_ij = sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i inside each chunk, float32.
+
+  Off-diagonal sub-chunk blocks are anchored at the token just before the query sub-chunk;
+  diagonal blocks use the masked [s, s, K] decay. No exp of a positive number is formed.
+  """
+  s = SUB_CHUNK if C % SUB_CHUNK == 0 else C
+  m = C // s
+  lead = q.shape[:3]
+  K = q.shape[-1]
+  qs = q.reshape(lead + (m, s, K)).astype(F32)
+  bs = b.reshape(lead + (m, s, K))
+  ks = k.reshape(lead + (m, s, K)).astype(F32)
+  # diagonal blocks: [.., m, s, s, K] decay, masked before exp
+  tri = jnp.tril(jnp.ones((s, s), bool))[:, :, None]
+  dec = masked_exp(bs[..., :, None, :] - bs[..., None, :, :], tri)
+  diag = jnp.einsum("...ik,...jk,...ijk->...ij", qs, ks, dec)      # [.., m, s, s]
+  if m == 1:
+    return diag.reshape(lead + (C, C))
+  # anchors: cumsum just before each query sub-chunk (0 before the first one)
+  banc = jnp.concatenate([jnp.zeros(lead + (1, K), F32), bs[..., :-1, -1, :]], axis=-2)
+  q_off = qs * jnp.exp(bs - banc[..., :, None, :])                  # [.., m, s, K], <= 1
+  j = jnp.arange(C)
+  before = (j[None, :] < (jnp.arange(m) * s)[:, None])[..., None]   # [m, C, 1]
+  k_off = k.astype(F32)[..., None, :, :] * masked_exp(
+      banc[..., :, None, :] - b[..., None, :, :], before)           # [.., m, C, K]
+  off = dot("...ask,...ajk->...asj", q_off.astype(q.dtype), k_off.astype(q.dtype))
+  off = off.reshape(lead + (m, s, m, s))
+  eye = jnp.eye(m, dtype=F32)[:, None, :, None]
+  A = off + diag[..., :, :, None, :] * eye
+  return A.reshape(lead + (C, C))
