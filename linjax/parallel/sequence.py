@@ -1,28 +1,421 @@
-"""Sequence-parallel wrappers (pass-through stage; LASP-2 lands next)."""
+"""Sequence parallelism: LASP-2 for the linear recurrences, LASP-2H for softmax layers.
+
+`gla`, `delta_rule` and `attention` take the arguments of the `linjax.ops` functions. When
+the active mesh (`linjax.parallel.use_mesh`, or `jax.set_mesh`) has a `seq` axis > 1 they
+run under `jax.shard_map` with tokens split over `seq` ([B, T, ...] arrays sharded
+(("data", "fsdp"), "seq", "tensor" on heads)); otherwise they call `linjax.ops` directly.
+
+LASP-2 (linear family). The state after shard p is an affine map of the state before it:
+S_out = A_p S_in + M_p, with A_p the product of the shard's transitions (a decay vector
+exp(sum g) for GLA, the K x K matrix prod exp(g_t)(I - beta_t k_t k_t^T) for the delta rule)
+and M_p the shard's final state from a zero start. Each shard
+  1. runs the local chunk op once (any `method`, Pallas included) from a zero start,
+  2. all-gathers (M_p, A_p) packed in ONE array along `seq` (its size is independent of T),
+  3. folds the earlier shards (and the caller's initial_state) into its incoming state
+     S_in = sum_{j<p} (prod_{j<i<p} A_i) M_j + (prod_{i<p} A_i) S_0 (an associative fold),
+  4. adds what S_in contributes to its outputs: o_t += scale * q_t A_{<=t} S_in.
+Step 4 is exact because every op is linear in its initial state, so this equals running the
+local op again from S_in (LASP-2's second pass) at the price of one pass. For GLA,
+q_t A_{<=t} = q_t * exp(cumsum g) is closed form; for the delta rule the op itself produces
+it: the local run uses values [v, 0_K] and initial state [0 | I_K], so its last K output
+columns are scale * q_t A_{<=t} and its final state is [M_p | A_p].
+
+Packed sequences (cu_seqlens) crossing shard boundaries: each shard runs the op on its slice
+of the layout (offsets clipped to the shard); only the sequence that is already running at
+the shard's first token ("continuing") starts from the carried state, others start from the
+caller's initial_state; A_p is zero when a sequence starts inside the shard, so a shard's
+carried state never leaks across a boundary. Each sequence's final state comes from the
+shard holding its last token (one psum, only when output_final_state=True).
+
+LASP-2H (softmax / sliding-window layers of hybrids): K and V are all-gathered along `seq`
+(one all-gather); a causal sliding window of W <= T/P + 1 tokens only needs the previous
+shard's last W - 1 tokens (a ppermute), plus the first `num_sinks` tokens (a psum from
+shard 0) when sinks are used.
+
+Gradients come from JAX's transposes of the collectives (all_gather -> psum_scatter,
+ppermute -> the reverse ppermute); there is no custom backward.
+"""
 from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from linjax.parallel.mesh import axis_size, current_mesh
+
+SEQ = "seq"
+F32 = jnp.float32
 
 
 def _ops():
   import linjax.ops as ops
-  if hasattr(ops, "gla"):
-    return ops
-  from linjax.ops import reference, softmax
-
-  class _Fallback:
-    gla = staticmethod(lambda *a, method=None, chunk_size=None, **kw: reference.gla(*a, **kw))
-    delta_rule = staticmethod(
-        lambda *a, method=None, chunk_size=None, **kw: reference.delta_rule(*a, **kw))
-    attention = staticmethod(softmax.attention)
-  return _Fallback
+  return ops
 
 
-def gla(q, k, v, g=None, **kwargs):
-  return _ops().gla(q, k, v, g, **kwargs)
+# ------------------------------------------------------------------------ mesh helpers
+
+def _sp_mesh():
+  """The active mesh when its `seq` axis is > 1, else None."""
+  mesh = current_mesh()
+  return mesh if axis_size(mesh, SEQ) > 1 else None
 
 
-def delta_rule(q, k, v, beta, g=None, **kwargs):
-  return _ops().delta_rule(q, k, v, beta, g, **kwargs)
+def _batch_axes(mesh, B):
+  axes = tuple(a for a in ("data", "fsdp") if axis_size(mesh, a) > 1)
+  while axes and B % math.prod(axis_size(mesh, a) for a in axes):
+    axes = axes[:-1]
+  return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def attention(q, k, v, **kwargs):
-  return _ops().attention(q, k, v, **kwargs)
+def _head_axis(mesh, *heads):
+  n = axis_size(mesh, "tensor")
+  return "tensor" if n > 1 and all(h % n == 0 for h in heads) else None
+
+
+def _fallback_warn(what, why):
+  warnings.warn(f"linjax.parallel.sequence.{what}: {why}; running without sequence "
+                "parallelism (XLA inserts the collectives)", stacklevel=3)
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+  kw = {} if not isinstance(mesh, jax.sharding.Mesh) else {"mesh": mesh}
+  if not kw:  # an abstract mesh from jax.set_mesh: shard_map reads the context
+    kw = {"mesh": mesh}
+  return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False, **kw)
+
+
+# ----------------------------------------------------------------- LASP-2 building blocks
+
+def _fold(Ms, As, S0, p, apply_A):
+  """Incoming state of shard p: fold (M_j, A_j) for j < p over S0 (a masked scan over j)."""
+  n = Ms.shape[0]
+
+  def body(S, xs):
+    j, M, A = xs
+    return jnp.where(j < p, apply_A(A, S) + M, S), None
+
+  S, _ = lax.scan(body, S0, (jnp.arange(n), Ms, As))
+  return S
+
+
+def _varlen_layout(cu, off, L):
+  """Local view of a packed layout on the shard holding global tokens [off, off + L)."""
+  cu = cu.astype(jnp.int32)
+  N = cu.shape[0] - 1
+  local_cu = jnp.clip(cu - off, 0, L)
+  n_first = jnp.searchsorted(cu[1:], off, side="right").astype(jnp.int32)
+  n_last = jnp.searchsorted(cu[1:], off + L - 1, side="right").astype(jnp.int32)
+  nf = jnp.minimum(n_first, N - 1)
+  cont = (n_first < N) & (cu[nf] < off)             # a sequence runs in from the left
+  e = jnp.where(cont, jnp.minimum(cu[nf + 1] - off, L), 0)   # its local end
+  own = jnp.clip((cu[1:] - 1) // L, 0, None)        # shard holding each sequence's last token
+  return dict(local_cu=local_cu, n_first=nf, cont=cont, e=e, n_last=n_last, N=N, own=own)
+
+
+def _select_owner(F, own, p):
+  """Per-sequence final state from the shard that owns it (psum over seq)."""
+  mask = (own == p).reshape((-1,) + (1,) * (F.ndim - 1))
+  return lax.psum(jnp.where(mask, F, 0.0), SEQ)
+
+
+# --------------------------------------------------------------------------- GLA (LASP-2)
+
+def _gla_local(q, k, v, g, init, cu, *, scale, P_, gate_kind, op_kw):
+  """Body of the shard_map for gla. Returns (o, final_state or None)."""
+  ops = _ops()
+  p = lax.axis_index(SEQ)
+  B, L, H, K = q.shape
+  V = v.shape[-1]
+  off = p * L
+  if g is not None:
+    G = jnp.cumsum(g.astype(F32), axis=1)               # <= 0, shard-local
+  varlen = cu is not None
+  if varlen:
+    lay = _varlen_layout(cu, off, L)
+    N = lay["N"]
+    base = jnp.zeros((N, H, K, V), F32) if init is None else init.astype(F32)
+    row = jnp.arange(N) == lay["n_first"]
+    local_init = jnp.where((row & lay["cont"])[:, None, None, None], 0.0, base)
+    o0, F = ops.gla(q, k, v, g, scale=scale, initial_state=local_init, output_final_state=True,
+                    cu_seqlens=lay["local_cu"], **op_kw)
+    tmask = jnp.arange(L) < lay["e"]                     # tokens of the continuing sequence
+    n_last = lay["n_last"]
+    has_last = n_last < N
+    M = jnp.where(has_last, F[jnp.minimum(n_last, N - 1)], 0.0)[None]   # [1, H, K, V]
+    through = lay["cont"] & (lay["e"] == L)
+  else:
+    o0, F = ops.gla(q, k, v, g, scale=scale, initial_state=None, output_final_state=True,
+                    **op_kw)
+    M = F                                                # [B, H, K, V]
+    through = True
+
+  # total transition A_p: ones (no gate), [B, H] or [B, H, K]; zero across a boundary.
+  if gate_kind is None:
+    A = jnp.ones(M.shape[:2] + (1,), F32)
+  elif gate_kind == "head":
+    A = jnp.exp(G[:, -1])[..., None]                     # [B, H, 1]
+  else:
+    A = jnp.exp(G[:, -1])                                # [B, H, K]
+  A = jnp.broadcast_to(jnp.where(through, A, 0.0), M.shape[:2] + (K,))   # [B|1, H, K]
+  with_A = gate_kind is not None or varlen
+  payload = jnp.concatenate([M, A[..., None]], axis=-1) if with_A else M
+  gathered = lax.all_gather(payload, SEQ)                # ONE all-gather: [P, B, H, K, V(+1)]
+  Ms = gathered[..., :V]
+  As = gathered[..., V] if with_A else jnp.zeros((P_,), F32)
+  apply_A = (lambda A_, S: A_[..., None] * S) if with_A else (lambda A_, S: S)
+  if varlen or init is None:
+    S0 = jnp.zeros(M.shape, F32)
+  else:
+    S0 = init.astype(F32)
+  S_in = _fold(Ms, As, S0, p, apply_A)                   # [B|1, H, K, V]
+
+  # outputs: o_t += scale * (q_t * exp(G_t)) S_in on the tokens that continue into the shard
+  qd = q.astype(F32)
+  if gate_kind == "head":
+    qd = qd * jnp.exp(G)[..., None]
+  elif gate_kind == "channel":
+    qd = qd * jnp.exp(G)
+  if varlen:
+    qd = jnp.where(tmask[None, :, None, None], qd, 0.0)
+  corr = scale * jnp.einsum("blhk,bhkv->blhv", qd, S_in)
+  o = (o0.astype(F32) + corr).astype(o0.dtype)
+
+  if varlen:
+    # the continuing sequence's final state gains A_{<e} S_in (decay over its local part)
+    if gate_kind is None:
+      dec = jnp.ones((H, K), F32)
+    else:
+      Ge = jnp.exp(G[0, jnp.maximum(lay["e"] - 1, 0)])  # [H] or [H, K]
+      dec = jnp.broadcast_to(Ge[:, None] if gate_kind == "head" else Ge, (H, K))
+    add = dec[..., None] * S_in[0]
+    F = F.at[lay["n_first"]].add(jnp.where(lay["cont"], add, 0.0))
+    final = _select_owner(F, lay["own"], p)
+  else:
+    final = apply_A(A, S_in) + M
+    final = lax.psum(jnp.where(p == P_ - 1, final, 0.0), SEQ)
+  return o, final
+
+
+# -------------------------------------------------------------------- delta rule (LASP-2)
+
+def _delta_local(q, k, v, beta, g, init, cu, *, scale, P_, op_kw):
+  ops = _ops()
+  p = lax.axis_index(SEQ)
+  B, L, H, K = q.shape
+  V = v.shape[-1]
+  off = p * L
+  eye = jnp.eye(K, dtype=F32)
+  v_aug = jnp.concatenate([v, jnp.zeros(v.shape[:-1] + (K,), v.dtype)], axis=-1)
+  if cu is not None:
+    lay = _varlen_layout(cu, off, L)
+    N = lay["N"]
+    base = jnp.zeros((N, H, K, V), F32) if init is None else init.astype(F32)
+    cont_row = ((jnp.arange(N) == lay["n_first"]) & lay["cont"])[:, None, None, None]
+    init_aug = jnp.concatenate([jnp.where(cont_row, 0.0, base),
+                                jnp.where(cont_row, jnp.broadcast_to(eye, (N, H, K, K)), 0.0)],
+                               axis=-1)                                      # [N, H, K, V+K]
+    o_aug, F = ops.delta_rule(q, k, v_aug, beta, g, scale=scale, initial_state=init_aug,
+                              output_final_state=True, cu_seqlens=lay["local_cu"], **op_kw)
+    n_last = lay["n_last"]
+    payload = jnp.where(n_last < N, F[jnp.minimum(n_last, N - 1)], 0.0)[None]  # [1,H,K,V+K]
+    S0 = jnp.zeros((1, H, K, V), F32)
+  else:
+    init_aug = jnp.concatenate([jnp.zeros((B, H, K, V), F32),
+                                jnp.broadcast_to(eye, (B, H, K, K))], axis=-1)
+    o_aug, F = ops.delta_rule(q, k, v_aug, beta, g, scale=scale, initial_state=init_aug,
+                              output_final_state=True, **op_kw)
+    payload = F                                          # [B, H, K, V+K] = [M_p | A_p]
+    S0 = jnp.zeros((B, H, K, V), F32) if init is None else init.astype(F32)
+
+  gathered = lax.all_gather(payload, SEQ)                # ONE all-gather: [P, B, H, K, V+K]
+  apply_A = lambda A_, S: jnp.einsum("bhij,bhjv->bhiv", A_, S)
+  S_in = _fold(gathered[..., :V], gathered[..., V:], S0, p, apply_A)
+
+  o = o_aug[..., :V].astype(F32) + jnp.einsum("blhk,bhkv->blhv", o_aug[..., V:].astype(F32),
+                                                S_in)
+  o = o.astype(v.dtype)
+  if cu is not None:
+    Fin = F[..., :V] + jnp.einsum("nhij,hjv->nhiv", F[..., V:], S_in[0])
+    final = _select_owner(Fin, lay["own"], p)
+  else:
+    final = F[..., :V] + apply_A(F[..., V:], S_in)
+    final = lax.psum(jnp.where(p == P_ - 1, final, 0.0), SEQ)
+  return o, final
+
+
+# --------------------------------------------------------------------- public wrappers
+
+def _lasp2(family, mesh, q, k, v, beta, g, *, scale, initial_state, output_final_state,
+           cu_seqlens, op_kw):
+  B, T, H, K = q.shape
+  P_ = axis_size(mesh, SEQ)
+  varlen = cu_seqlens is not None
+  b = None if varlen else _batch_axes(mesh, B)
+  h = _head_axis(mesh, H)
+  tok = P(b, SEQ, h, None)
+  tok3 = P(b, SEQ, h)
+  state = P(None if varlen else b, h, None, None)
+  names = ["q", "k", "v", "beta", "g", "init", "cu"]
+  vals = [q, k, v, beta, g, initial_state, cu_seqlens]
+  specs = [tok, tok, tok, tok3, tok3 if g is None or g.ndim == 3 else tok, state, P(None)]
+  present = [i for i, x in enumerate(vals) if x is not None]
+
+  def body(*args):
+    a = dict.fromkeys(names)
+    for i, x in zip(present, args):
+      a[names[i]] = x
+    if family == "gla":
+      gk = None if a["g"] is None else ("head" if a["g"].ndim == 3 else "channel")
+      return _gla_local(a["q"], a["k"], a["v"], a["g"], a["init"], a["cu"], scale=scale,
+                        P_=P_, gate_kind=gk, op_kw=op_kw)
+    return _delta_local(a["q"], a["k"], a["v"], a["beta"], a["g"], a["init"], a["cu"],
+                        scale=scale, P_=P_, op_kw=op_kw)
+
+  fn = _shard_map(body, mesh, tuple(specs[i] for i in present), (tok, state))
+  o, final = fn(*(vals[i] for i in present))
+  return o, (final if output_final_state else None)
+
+
+def _lasp2_ok(what, mesh, q, cu_seqlens, op_kw):
+  if mesh is None:
+    return False
+  P_ = axis_size(mesh, SEQ)
+  if q.shape[1] % P_:
+    _fallback_warn(what, f"T={q.shape[1]} is not divisible by the seq axis ({P_})")
+    return False
+  if cu_seqlens is not None and op_kw.get("max_seqlen") is not None:
+    op_kw.pop("max_seqlen")  # a global bound; local slices are at most T / P anyway
+  return True
+
+
+def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False,
+        cu_seqlens=None, normalize=False, eps=1e-6, **op_kw):
+  """`linjax.ops.gla`, sequence-parallel (LASP-2) under a mesh with seq > 1."""
+  mesh = _sp_mesh()
+  if not _lasp2_ok("gla", mesh, q, cu_seqlens, op_kw):
+    return _ops().gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                      normalize=normalize, eps=eps, **op_kw)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  V = v.shape[-1]
+  if normalize:  # the key-sum denominator rides along as an extra value column
+    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+  o, S = _lasp2("gla", mesh, q, k, v, None, g, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, op_kw=op_kw)
+  if normalize:
+    o = (o[..., :V].astype(F32) / (o[..., V:].astype(F32) + eps)).astype(o.dtype)
+  return o, S
+
+
+def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
+               output_final_state=False, cu_seqlens=None, **op_kw):
+  """`linjax.ops.delta_rule`, sequence-parallel (LASP-2) under a mesh with seq > 1."""
+  mesh = _sp_mesh()
+  if not _lasp2_ok("delta_rule", mesh, q, cu_seqlens, op_kw):
+    return _ops().delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                             **op_kw)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  return _lasp2("delta", mesh, q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, op_kw=op_kw)
+
+
+# -------------------------------------------------------------------- attention (LASP-2H)
+
+def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=None,
+              kv_segment_ids=None, q_positions=None, kv_positions=None, scale=None,
+              mask=None):
+  """`linjax.ops.attention`, sequence-parallel (LASP-2H) under a mesh with seq > 1.
+
+  Self-attention over the full sequence only (as many keys as queries, no extra `mask`, no
+  separate kv_segment_ids); anything else runs the plain op.
+  """
+  ops = _ops()
+  kw = dict(causal=causal, window=window, num_sinks=num_sinks, segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions,
+            scale=scale, mask=mask)
+  mesh = _sp_mesh()
+  if mesh is None:
+    return ops.attention(q, k, v, **kw)
+  B, T, Hq, D = q.shape
+  P_ = axis_size(mesh, SEQ)
+  if (k.shape[1] != T or mask is not None or kv_segment_ids is not None
+      or (q_positions is None) != (kv_positions is None)):
+    return ops.attention(q, k, v, **kw)
+  if T % P_:
+    _fallback_warn("attention", f"T={T} is not divisible by the seq axis ({P_})")
+    return ops.attention(q, k, v, **kw)
+  L = T // P_
+  Hkv, Dv = k.shape[2], v.shape[-1]
+  scale = D ** -0.5 if scale is None else scale
+  b = _batch_axes(mesh, B)
+  h = _head_axis(mesh, Hq, Hkv)
+  tok, tok2 = P(b, SEQ, h, None), P(b, SEQ)
+  positions = q_positions is not None
+  sliding = (causal and window is not None and window - 1 <= L and not positions
+             and num_sinks <= L)
+
+  def body(q, k, v, seg, qpos):
+    p = lax.axis_index(SEQ)
+    Bl = q.shape[0]
+    off = p * L
+    if qpos is None:
+      qpos = jnp.broadcast_to(off + jnp.arange(L, dtype=jnp.int32), (Bl, L))
+    kv = jnp.concatenate([k, v.astype(k.dtype)], axis=-1) if v.dtype == k.dtype else None
+    if not sliding:
+      if kv is not None:
+        kv_all = lax.all_gather(kv, SEQ, axis=1, tiled=True)
+        k_all, v_all = kv_all[..., :D], kv_all[..., D:]
+      else:
+        k_all = lax.all_gather(k, SEQ, axis=1, tiled=True)
+        v_all = lax.all_gather(v, SEQ, axis=1, tiled=True)
+      kpos = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bl, T)) if not positions
+              else lax.all_gather(qpos, SEQ, axis=1, tiled=True))
+      kseg = None if seg is None else lax.all_gather(seg, SEQ, axis=1, tiled=True)
+      return ops.attention(q, k_all, v_all, causal=causal, window=window,
+                           num_sinks=num_sinks, segment_ids=seg, kv_segment_ids=kseg,
+                           q_positions=qpos, kv_positions=kpos, scale=scale)
+    W1 = window - 1
+    qseg = jnp.zeros((Bl, L), jnp.int32) if seg is None else seg
+    perm = [(i, i + 1) for i in range(P_ - 1)]
+    parts_k, parts_v, parts_pos, parts_seg = [], [], [], []
+    if num_sinks:
+      ns = num_sinks
+      first = p == 0
+      sk = lax.psum(jnp.where(first, k[:, :ns], 0), SEQ)
+      sv = lax.psum(jnp.where(first, v[:, :ns], 0), SEQ)
+      ss = lax.psum(jnp.where(first, qseg[:, :ns], 0), SEQ)
+      spos = jnp.broadcast_to(jnp.arange(ns, dtype=jnp.int32), (Bl, ns))
+      valid = spos < off - W1                              # not already in tail / local
+      parts_k.append(sk), parts_v.append(sv), parts_pos.append(spos)
+      parts_seg.append(jnp.where(valid, ss, -1))
+    if W1:
+      tk = lax.ppermute(k[:, L - W1:], SEQ, perm)
+      tv = lax.ppermute(v[:, L - W1:], SEQ, perm)
+      ts = lax.ppermute(qseg[:, L - W1:], SEQ, perm)
+      tpos = jnp.broadcast_to(off - W1 + jnp.arange(W1, dtype=jnp.int32), (Bl, W1))
+      parts_k.append(tk), parts_v.append(tv), parts_pos.append(tpos)
+      parts_seg.append(jnp.where(p == 0, -1, ts))
+    parts_k.append(k), parts_v.append(v), parts_pos.append(qpos), parts_seg.append(qseg)
+    cat = lambda xs: jnp.concatenate(xs, axis=1)
+    return ops.attention(q, cat(parts_k), cat(parts_v), causal=True, window=window,
+                         num_sinks=num_sinks, segment_ids=qseg, kv_segment_ids=cat(parts_seg),
+                         q_positions=qpos, kv_positions=cat(parts_pos), scale=scale)
+
+  args = (q, k, v, segment_ids, q_positions)
+  specs = (tok, tok, tok, tok2, tok2)
+  present = [i for i, x in enumerate(args) if x is not None]
+
+  def wrapped(*xs):
+    full = [None] * 5
+    for i, x in zip(present, xs):
+      full[i] = x
+    return body(*full)
+
+  fn = _shard_map(wrapped, mesh, tuple(specs[i] for i in present), tok)
+  return fn(*(args[i] for i in present))
