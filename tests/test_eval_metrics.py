@@ -177,6 +177,6 @@ def test_perplexity_matches_transformers_loss(tmp_path):
   # and top-1 agreement of the converted model with the torch logits is total
   with torch.no_grad():
     ref = [hf(torch.tensor(d)[None]).logits[0].numpy() for d in docs]
-  ours = [np.asarray(model(jnp.asarray(d)[None].astype(jnp.int32)))[0] for d in docs]
+  ours = [np.asarray(model(jnp.asarray(d)[None].astype(jnp.int32))[0])[0] for d in docs]
   assert max(np.abs(a - b).max() for a, b in zip(ref, ours)) < 1e-3
   assert top1_agreement(model, model, docs) == 1.0

@@ -8,6 +8,7 @@ segment id 0 (real tokens 1), so they are never seen by real tokens and never sc
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, NamedTuple, Sequence
 
@@ -101,30 +102,80 @@ def _batches(windows, batch_size, seq_len):
 
 
 # ----------------------------------------------------------------------------- jit
+# Compiled once per (model structure, batch shape): the model enters as (static graphdef,
+# state), so a model trained in place is always evaluated with its current weights, and a
+# teacher and a student of the same structure share compilations.
 
-def logits_fn(model):
-  """A jitted `(tokens, positions, segment_ids) -> logits float32`, for an nnx module or a
-  plain function (then jitted as is)."""
+def split_model(model):
+  """(static part, weights): (nnx graphdef, nnx state) for a Flax NNX module, else
+  (the callable, None)."""
   try:
     from flax import nnx
-    is_module = isinstance(model, nnx.Module)
+    if isinstance(model, nnx.Module):
+      return nnx.split(model)
   except ImportError:  # pragma: no cover
-    is_module = False
-  if is_module:
-    graphdef, state = nnx.split(model)
+    pass
+  return model, None
 
-    @jax.jit
-    def f(state, tokens, positions, segment_ids):
-      m = nnx.merge(graphdef, state)
-      return m(tokens, positions=positions, segment_ids=segment_ids).astype(jnp.float32)
 
-    return lambda t, p, s: f(state, t, p, s)
+def _logits(out):
+  """`linjax.Llama` returns (logits, cache); plain functions may return logits."""
+  if isinstance(out, (tuple, list)):
+    out = out[0]
+  return jnp.asarray(out, jnp.float32)
 
-  @jax.jit
-  def g(tokens, positions, segment_ids):
-    return jnp.asarray(model(tokens, positions=positions, segment_ids=segment_ids),
-                       jnp.float32)
-  return g
+
+def _forward(static, state, tokens, positions, segment_ids):
+  if state is None:
+    fn = static
+  else:
+    from flax import nnx
+    fn = nnx.merge(static, state)
+  return _logits(fn(tokens, positions=positions, segment_ids=segment_ids))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_jit(static, state, tokens, positions, segment_ids):
+  return _forward(static, state, tokens, positions, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_argmax_jit(static, state, tokens, positions, segment_ids):
+  return _nll_and_argmax(_forward(static, state, tokens, positions, segment_ids), tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _argmax_jit(static, state, tokens, positions, segment_ids):
+  logits = _forward(static, state, tokens, positions, segment_ids)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _target_logprobs_jit(static, state, tokens, positions, segment_ids, targets):
+  """Per position: log p(targets) and whether targets is the argmax."""
+  logits = _forward(static, state, tokens, positions, segment_ids)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return lp, jnp.argmax(logits, axis=-1) == targets
+
+
+def logits_fn(model):
+  """`(tokens, positions, segment_ids) -> logits float32 [B, T, V]`, jitted, for an nnx
+  module or a plain function. Models returning `(logits, cache)` are accepted."""
+  static, state = split_model(model)
+  return lambda t, p, s: _logits_jit(static, state, t, p, s)
+
+
+def argmax_fn(model):
+  """Like `logits_fn` but returns the argmax token ids [B, T] int32 (no logits copied)."""
+  static, state = split_model(model)
+  return lambda t, p, s: _argmax_jit(static, state, t, p, s)
+
+
+def target_logprobs_fn(model):
+  """`(tokens, positions, segment_ids, targets) -> (log p(targets) [B,T], is_argmax [B,T])`."""
+  static, state = split_model(model)
+  return lambda t, p, s, y: _target_logprobs_jit(static, state, t, p, s, y)
 
 
 def _nll_and_argmax(logits, tokens):
@@ -136,9 +187,8 @@ def _nll_and_argmax(logits, tokens):
 
 
 def _scorer(model):
-  f = logits_fn(model)
-  post = jax.jit(_nll_and_argmax)
-  return lambda t, p, s: post(f(t, p, s), t)
+  static, state = split_model(model)
+  return lambda t, p, s: _nll_argmax_jit(static, state, t, p, s)
 
 
 # ----------------------------------------------------------------------------- public

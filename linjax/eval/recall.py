@@ -21,11 +21,9 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from linjax.eval.metrics import logits_fn
+from linjax.eval.metrics import argmax_fn
 
 
 class RecallBatch(NamedTuple):
@@ -212,8 +210,7 @@ def recall_accuracy(model, batch: RecallBatch, *, batch_size: int = 4,
   all of its answer positions equal its answer tokens. Returns the mean over items (a float
   in [0, 1]), or with `per_example=True` a bool array [N, items].
   """
-  f = logits_fn(model)
-  argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1))
+  argmax = argmax_fn(model)
   N, T = batch.tokens.shape
   pos = np.broadcast_to(np.arange(T, dtype=np.int32), (batch_size, T))
   preds = np.zeros_like(batch.answers)
@@ -222,7 +219,7 @@ def recall_accuracy(model, batch: RecallBatch, *, batch_size: int = 4,
     seg = np.zeros((batch_size, T), np.int32)
     n = min(batch_size, N - s)
     tok[:n], seg[:n] = batch.tokens[s:s + n], 1
-    am = np.asarray(argmax(f(tok, pos, seg)))
+    am = np.asarray(argmax(tok, pos, seg))
     preds[s:s + n] = np.take_along_axis(am[:n], batch.answer_pos[s:s + n], axis=1)
   hit = (preds == batch.answers) | ~batch.answer_mask
   G = int(batch.groups.max()) + 1

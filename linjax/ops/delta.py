@@ -30,7 +30,7 @@ from jax import lax
 from linjax.ops import varlen
 from linjax.ops._checks import check_rank
 from linjax.ops._common import F32, METHODS, dot, masked_exp, pad_time, pallas_kernel, resolve_method
-from linjax.ops.gla import SUB_CHUNK, _check_inputs
+from linjax.ops.gla import SUB_CHUNK, _check_inputs, segsum, suffix_sum
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
@@ -168,12 +168,13 @@ def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter):
     eb = jnp.ones_like(beta)
     e_last = jnp.ones_like(beta)
   else:
-    b = jnp.cumsum(blk(g).astype(F32), axis=-1)            # chunk-local, [B, H, n, C]
-    diff = b[..., :, None] - b[..., None, :]
+    gb = blk(g).astype(F32)                                # [B, H, n, C]
+    b = jnp.cumsum(gb, axis=-1)                            # chunk-local
+    diff = segsum(gb)
     L = beta[..., :, None] * kk * masked_exp(diff, strict)
     Aq = qk * masked_exp(diff, causal)
     eb = jnp.exp(b)
-    e_last = jnp.exp(b[..., -1:] - b)
+    e_last = jnp.exp(suffix_sum(gb, -1))
   kf = k.astype(F32)
   rhs = jnp.concatenate([(beta * eb)[..., None] * kf, beta[..., None] * v.astype(F32)], -1)
   eye = jnp.eye(C, dtype=F32)

@@ -231,16 +231,18 @@ def _gla_chunked(q, k, v, g, h0, scale, C, inter):
     A = jnp.where(causal, dot("bhnik,bhnjk->bhnij", q, k), 0.0)
     q_dec, k_dec, a = q, k, None
   elif g.ndim == 3:                                       # per head
-    b = jnp.cumsum(blk(g).astype(F32), axis=-1)          # [B,H,n,C], chunk-local
-    A = dot("bhnik,bhnjk->bhnij", q, k) * masked_exp(b[..., :, None] - b[..., None, :], causal)
+    gb = blk(g).astype(F32)                               # [B,H,n,C]
+    b = jnp.cumsum(gb, axis=-1)                           # chunk-local
+    A = dot("bhnik,bhnjk->bhnij", q, k) * masked_exp(segsum(gb), causal)
     q_dec = (q * jnp.exp(b)[..., None]).astype(cdt)
-    k_dec = (k * jnp.exp(b[..., -1:] - b)[..., None]).astype(cdt)
+    k_dec = (k * jnp.exp(suffix_sum(gb, -1))[..., None]).astype(cdt)
     a = jnp.exp(b[..., -1])[..., None, None]             # [B,H,n,1,1]
   else:                                                   # per channel
-    b = jnp.cumsum(blk(g).astype(F32), axis=-2)          # [B,H,n,C,K]
-    A = _intra_per_channel(q, k, b, C)
+    gb = blk(g).astype(F32)                               # [B,H,n,C,K]
+    b = jnp.cumsum(gb, axis=-2)
+    A = _intra_per_channel(q, k, gb, C)
     q_dec = (q * jnp.exp(b)).astype(cdt)
-    k_dec = (k * jnp.exp(b[..., -1:, :] - b)).astype(cdt)
+    k_dec = (k * jnp.exp(suffix_sum(gb, -2))).astype(cdt)
     a = jnp.exp(b[..., -1, :])[..., None]                # [B,H,n,K,1]
 
   o_intra = dot("bhnij,bhnjv->bhniv", A.astype(cdt), v)
@@ -277,32 +279,57 @@ def _chunk_states(a, Hc, h0, inter):
   return S_start, S_end[:, :, -1]
 
 
-def _intra_per_channel(q, k, b, C):
-  """A_ij = sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i inside each chunk, float32.
+def segsum(g, axis=-1):
+  """out[..., i, j] = sum_{j < l <= i} g_l along `axis` (0 for i <= j), each entry its own
+  running sum (no difference of long cumsums, so no cancellation). New axes i, j replace
+  `axis` (at -2, -1 for axis=-1; at -3, -2 for axis=-2, the channel axis last)."""
+  if axis == -1:
+    C = g.shape[-1]
+    x = jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), g[..., :, None], 0.0)
+    return jnp.cumsum(x, axis=-2)
+  C = g.shape[-2]
+  x = jnp.where(jnp.tril(jnp.ones((C, C), bool), -1)[:, :, None], g[..., :, None, :], 0.0)
+  return jnp.cumsum(x, axis=-3)
 
-  Off-diagonal sub-chunk blocks are anchored at the token just before the query sub-chunk;
-  diagonal blocks use the masked [s, s, K] decay. No exp of a positive number is formed.
+
+def suffix_sum(g, axis):
+  """out_j = sum_{l > j} g_l along `axis` (exclusive reverse cumsum)."""
+  rc = lax.cumsum(g, axis=axis % g.ndim, reverse=True)
+  rc = jnp.moveaxis(rc, axis, -1)
+  rc = jnp.concatenate([rc[..., 1:], jnp.zeros_like(rc[..., :1])], -1)
+  return jnp.moveaxis(rc, -1, axis)
+
+
+def _intra_per_channel(q, k, g, C):
+  """A_ij = sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i inside each chunk, float32, where
+  b_i - b_j = sum_{j < l <= i} g_l.
+
+  Sub-chunks of s = 16: a diagonal block uses the masked [s, s, K] decay; an off-diagonal
+  block factors the decay at the token p just before the query sub-chunk,
+  exp(sum_{p < l <= i} g) * exp(sum_{j < l <= p} g), both <= 1, each a direct running sum
+  (a cumsum inside the query sub-chunk, a reverse cumsum from p over the keys), so long
+  chunks (the parallel form) lose no precision to cancellation.
   """
   s = SUB_CHUNK if C % SUB_CHUNK == 0 else C
   m = C // s
   lead = q.shape[:3]
   K = q.shape[-1]
   qs = q.reshape(lead + (m, s, K)).astype(F32)
-  bs = b.reshape(lead + (m, s, K))
   ks = k.reshape(lead + (m, s, K)).astype(F32)
+  gs = g.reshape(lead + (m, s, K))
   # diagonal blocks: [.., m, s, s, K] decay, masked before exp
   tri = jnp.tril(jnp.ones((s, s), bool))[:, :, None]
-  dec = masked_exp(bs[..., :, None, :] - bs[..., None, :, :], tri)
+  dec = masked_exp(segsum(gs, axis=-2), tri)
   diag = jnp.einsum("...ik,...jk,...ijk->...ij", qs, ks, dec)      # [.., m, s, s]
   if m == 1:
     return diag.reshape(lead + (C, C))
-  # anchors: cumsum just before each query sub-chunk (0 before the first one)
-  banc = jnp.concatenate([jnp.zeros(lead + (1, K), F32), bs[..., :-1, -1, :]], axis=-2)
-  q_off = qs * jnp.exp(bs - banc[..., :, None, :])                  # [.., m, s, K], <= 1
+  q_off = qs * jnp.exp(jnp.cumsum(gs, axis=-2))                     # [.., m, s, K], <= 1
   j = jnp.arange(C)
-  before = (j[None, :] < (jnp.arange(m) * s)[:, None])[..., None]   # [m, C, 1]
-  k_off = k.astype(F32)[..., None, :, :] * masked_exp(
-      banc[..., :, None, :] - b[..., None, :, :], before)           # [.., m, C, K]
+  before = (j[None, :] < (jnp.arange(m) * s)[:, None])[..., None]   # [m, C, 1]: j <= p_a
+  # r[a, j] = sum_{j < l <= p_a} g_l: reverse cumsum of g masked to l <= p_a
+  x = jnp.where(before, g[..., None, :, :], 0.0)                    # [.., m, C, K]
+  r = suffix_sum(x, -2)
+  k_off = k.astype(F32)[..., None, :, :] * masked_exp(r, before)    # [.., m, C, K]
   off = dot("...ask,...ajk->...asj", q_off.astype(q.dtype), k_off.astype(q.dtype))
   off = off.reshape(lead + (m, s, m, s))
   eye = jnp.eye(m, dtype=F32)[:, None, :, None]

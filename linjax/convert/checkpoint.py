@@ -1,0 +1,312 @@
+"""from_pretrained / save_pretrained / save_linjax.
+
+Formats read by `from_pretrained(path)`:
+  * an HF directory: config.json + model.safetensors | sharded safetensors + index |
+    pytorch_model.bin (+ index)
+  * a torch state_dict or .safetensors file, with `config=` (dict, LlamaConfig, or a
+    config.json path; default: config.json beside the file)
+  * a .gguf file (dequantized; tokenizer from the same file via transformers)
+  * a linjax checkpoint dir: config.json (HF keys + "linjax") + orbax `state/`
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from linjax.convert import mapping
+from linjax.convert.sources import (GGUFSource, SafetensorsSource, TorchSource,
+                                    UnsupportedFormatError, find_hf_weight_files,
+                                    gguf_hf_config)
+from linjax.models.llama import Llama, LlamaConfig
+
+
+class CheckpointMismatchError(ValueError):
+  """Missing keys, unexpected keys and shape mismatches, all listed at once."""
+
+  def __init__(self, missing=(), unexpected=(), shapes=()):
+    self.missing, self.unexpected, self.shapes = list(missing), list(unexpected), list(shapes)
+    parts = []
+    if self.missing:
+      parts.append(f"{len(self.missing)} missing: {self.missing}")
+    if self.unexpected:
+      parts.append(f"{len(self.unexpected)} unexpected: {self.unexpected}")
+    if self.shapes:
+      parts.append(f"{len(self.shapes)} shape mismatches: " + ", ".join(
+          f"{n} checkpoint {a} vs model {b}" for n, a, b in self.shapes))
+    super().__init__("checkpoint does not match the model: " + "; ".join(parts))
+
+
+class UnsupportedExportError(ValueError):
+  """The model cannot be written in the requested format (e.g. non-softmax mixers to HF)."""
+
+
+# --- building a model from named tensors -----------------------------------------------
+
+def abstract_model(config: LlamaConfig):
+  """(graphdef, abstract state) without allocating weights."""
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def _sharding_for(shardings, path, var):
+  if shardings is None:
+    return None
+  if isinstance(shardings, jax.sharding.Sharding):
+    return shardings
+  if callable(shardings):
+    return shardings(path, var)
+  # a State / nested dict of shardings with the model's structure
+  node = shardings
+  for p in path:
+    node = node[p]
+  return node.get_value() if hasattr(node, "get_value") else getattr(node, "value", node)
+
+
+def load_from_source(config: LlamaConfig, source, shardings=None):
+  """Build a Llama from an HF-named tensor source, one tensor at a time."""
+  graphdef, state = abstract_model(config)
+  flat = dict(nnx.to_flat_state(state))
+  table = mapping.name_table(config)
+  keys = set(source.keys())
+  ignorable = {k for k in keys if k.endswith(mapping.IGNORABLE_SUFFIXES)}
+  if config.tie_word_embeddings:
+    ignorable.add("lm_head.weight")  # some tied checkpoints store the copy
+  missing = sorted(k for k in table if k not in keys)
+  unexpected = sorted(k for k in keys - ignorable if k not in table)
+  covered = {path for path, _ in table.values()}
+  missing += sorted("linjax:" + "/".join(map(str, p)) for p in flat if p not in covered)
+  shapes = []
+  for k in sorted(set(table) & keys):
+    path, tr = table[k]
+    want = mapping.hf_shape(tr, flat[path].shape)
+    got = source.shape(k)
+    if tuple(got) != tuple(want):
+      shapes.append((k, tuple(got), tuple(want)))
+  if missing or unexpected or shapes:
+    raise CheckpointMismatchError(missing, unexpected, shapes)
+  for k, (path, tr) in table.items():
+    var = flat[path]
+    x = np.ascontiguousarray(mapping.apply(tr, source.get(k)))
+    x = x.astype(jnp.dtype(var.dtype))
+    sh = _sharding_for(shardings, path, var)
+    var.set_value(jax.device_put(x, sh) if sh is not None else jnp.asarray(x))
+    del x
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# --- config handling --------------------------------------------------------------------
+
+def _resolve_config(config, default_dir=None) -> dict:
+  if isinstance(config, LlamaConfig):
+    return config.to_hf()
+  if isinstance(config, dict):
+    return config
+  path = config
+  if path is None and default_dir is not None:
+    path = os.path.join(default_dir, "config.json")
+  if path is None or not os.path.exists(path):
+    raise UnsupportedFormatError(f"no config: pass config= (dict, LlamaConfig or a config.json path); "
+                                 f"looked for {path}")
+  if os.path.isdir(path):
+    path = os.path.join(path, "config.json")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _overrides(dtype, param_dtype, overrides):
+  kw = dict(overrides or {})
+  if dtype is not None:
+    kw["dtype"] = jnp.dtype(dtype).name
+    kw["param_dtype"] = jnp.dtype(param_dtype or dtype).name
+  elif param_dtype is not None:
+    kw["param_dtype"] = jnp.dtype(param_dtype).name
+  return kw
+
+
+def _load_tokenizer(path, **kw):
+  try:
+    from transformers import AutoTokenizer
+  except ImportError:
+    return None
+  try:
+    return AutoTokenizer.from_pretrained(path, **kw)
+  except Exception:  # no tokenizer files: weights-only checkpoint
+    if "gguf_file" in kw:
+      raise
+    return None
+
+
+# --- public API -------------------------------------------------------------------------
+
+def from_pretrained(path, *, dtype=None, param_dtype=None, shardings=None, config=None,
+                    tokenizer=True, **config_overrides):
+  """Load a Llama (and its tokenizer) from any supported format; returns (model, tokenizer).
+
+  dtype: compute dtype (and param dtype unless `param_dtype` is given), e.g. "bfloat16".
+  shardings: None, one `jax.sharding.Sharding` for every leaf, a callable
+    (path, abstract_variable) -> Sharding, or a State of shardings shaped like the model
+    (e.g. from `nnx.get_named_sharding`). Each tensor is placed as it is read.
+  config_overrides: LlamaConfig fields (e.g. remat=True).
+  tokenizer: False to skip loading one (returns None).
+  """
+  path = os.fspath(path)
+  kw = _overrides(dtype, param_dtype, config_overrides)
+  if os.path.isdir(path):
+    if os.path.isdir(os.path.join(path, "state")):
+      return load_linjax(path, shardings=shardings, **kw), (
+          _load_tokenizer(path) if tokenizer else None)
+    cfg = LlamaConfig.from_hf(_resolve_config(config, path), **kw)
+    kind, files = find_hf_weight_files(path)
+    src = SafetensorsSource(files) if kind == "safetensors" else TorchSource(files)
+    model = load_from_source(cfg, src, shardings)
+    return model, (_load_tokenizer(path) if tokenizer else None)
+  if not os.path.exists(path):
+    raise FileNotFoundError(path)
+  if path.endswith(".gguf"):
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    hf = gguf_hf_config(reader) if config is None else _resolve_config(config)
+    cfg = LlamaConfig.from_hf(hf, **kw)
+    model = load_from_source(cfg, GGUFSource(reader, cfg), shardings)
+    del reader
+    tok = None
+    if tokenizer:
+      tok = _load_tokenizer(os.path.dirname(os.path.abspath(path)),
+                            gguf_file=os.path.basename(path))
+    return model, tok
+  if path.endswith((".bin", ".pt", ".pth", ".safetensors")):
+    folder = os.path.dirname(os.path.abspath(path))
+    cfg = LlamaConfig.from_hf(_resolve_config(config, folder), **kw)
+    src = SafetensorsSource([path]) if path.endswith(".safetensors") else TorchSource([path])
+    model = load_from_source(cfg, src, shardings)
+    return model, (_load_tokenizer(folder) if tokenizer else None)
+  raise UnsupportedFormatError(
+      f"{path}: not an HF/linjax directory, a .gguf, .safetensors, .bin, .pt or .pth file")
+
+
+def hf_state_dict(model: Llama, dtype=None):
+  """Yield (HF name, numpy array) one tensor at a time (export direction of the table)."""
+  cfg = model.config
+  if not cfg.all_softmax:
+    raise UnsupportedExportError(
+        f"transformers' Llama has only plain softmax attention; this model's mixers are "
+        f"{sorted(set(cfg.mixers))} with kwargs {cfg.mixer_kwargs}. Use "
+        f"linjax.convert.save_linjax(model, dir) for linjax checkpoints.")
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for name, (path, tr) in mapping.name_table(cfg).items():
+    x = np.asarray(jax.device_get(flat[path].get_value()))
+    if dtype is not None:
+      x = x.astype(jnp.dtype(dtype))
+    yield name, np.ascontiguousarray(mapping.apply(tr, x, inverse=True))
+
+
+def _parse_size(s):
+  if s is None or isinstance(s, int):
+    return s
+  s = s.strip().upper()
+  for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    if s.endswith(unit):
+      return int(float(s[: -len(unit)]) * mult)
+  return int(s)
+
+
+def save_pretrained(model: Llama, out_dir, *, tokenizer=None, max_shard_size=None,
+                    dtype=None):
+  """Write HF safetensors + config.json that `transformers.LlamaForCausalLM` loads.
+
+  Models with non-softmax mixers (or softmax with window/sinks) are refused with
+  `UnsupportedExportError`: transformers cannot run them (use `save_linjax`).
+  max_shard_size: bytes or "10MB" etc.; shards are written with an index json.
+  """
+  from safetensors.numpy import save_file
+  import ml_dtypes  # noqa: F401  (numpy bfloat16)
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  limit = _parse_size(max_shard_size)
+  shards, cur, cur_size = [], {}, 0
+  fmt_bf16 = False
+  for name, x in hf_state_dict(model, dtype):
+    if x.dtype.name == "bfloat16":
+      fmt_bf16 = True
+    if limit and cur and cur_size + x.nbytes > limit:
+      shards.append(cur)
+      cur, cur_size = {}, 0
+    cur[name] = x
+    cur_size += x.nbytes
+  shards.append(cur)
+  if fmt_bf16:
+    save = _save_bf16
+  else:
+    save = lambda d, f: save_file(d, f, metadata={"format": "pt"})
+  if len(shards) == 1:
+    save(shards[0], os.path.join(out_dir, "model.safetensors"))
+  else:
+    weight_map, total = {}, 0
+    for i, sh in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save(sh, os.path.join(out_dir, fname))
+      for k, v in sh.items():
+        weight_map[k] = fname
+        total += v.nbytes
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  cfg = model.config.to_hf()
+  if dtype is not None:
+    cfg["torch_dtype"] = jnp.dtype(dtype).name
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  return out_dir
+
+
+def _save_bf16(d, fname):
+  from safetensors.flax import save_file
+  save_file({k: jnp.asarray(v) for k, v in d.items()}, fname, metadata={"format": "pt"})
+
+
+# --- linjax checkpoints (orbax) ---------------------------------------------------------
+
+def save_linjax(model: Llama, out_dir, *, tokenizer=None):
+  """config.json (HF keys + "linjax" fields) + orbax `state/` of `nnx.state(model)`.
+  Any mixer works (the state is saved as is)."""
+  import orbax.checkpoint as ocp
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(model.config.to_hf(), f, indent=2)
+  state = nnx.state(model)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(out_dir, "state"), state, force=True)
+  ckptr.wait_until_finished()
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  return out_dir
+
+
+def load_linjax(path, *, shardings=None, **config_overrides):
+  """Restore a `save_linjax` directory (optionally with new dtype / shardings)."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(os.fspath(path))
+  with open(os.path.join(path, "config.json")) as f:
+    hf = json.load(f)
+  cfg = LlamaConfig.from_hf(hf, **config_overrides)
+  graphdef, abstract = abstract_model(cfg)
+  flat = dict(nnx.to_flat_state(abstract))
+  for p, var in flat.items():
+    sh = _sharding_for(shardings, p, var)
+    if sh is None:
+      sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh))
+  target = nnx.from_flat_state(flat)
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    state = ckptr.restore(os.path.join(path, "state"), target)
+  except (ValueError, KeyError) as e:
+    raise CheckpointMismatchError(unexpected=[f"orbax restore failed: {e}"]) from e
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,122 @@
+"""What a run shows and leaves behind: tqdm progress, TensorBoard scalars, `metrics.jsonl`,
+and at the end `loss_curve.png` and `summary.json` in the workdir.
+
+Only process 0 writes. `metrics.jsonl` is appended as the run goes, so the loss curve of a
+run that was killed and resumed still covers every step (a step logged twice keeps the last).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+
+def _summary_writer_cls():
+  """tensorboardX's SummaryWriter, imported without dragging in torch (~6 s) when torch is
+  installed but not yet imported: tensorboardX only uses it for torch tensors."""
+  import sys
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None   # makes `import torch` raise ImportError inside tensorboardX
+  try:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  except ImportError:
+    return None
+  finally:
+    if blocked and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str, total_steps: int, start_step: int, *, enabled: bool = True,
+               progress: bool = True):
+    self.workdir, self.enabled = workdir, enabled
+    self.jsonl = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    self._bar = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    SummaryWriter = _summary_writer_cls()
+    self._tb = (SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+                if SummaryWriter is not None else None)
+    if progress:
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                       dynamic_ncols=True, smoothing=0.1)
+
+  def write(self, step: int, scalars: dict, prefix: str = "train"):
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps({"step": int(step), "split": prefix, **clean,
+                          "time": time.time()}) + "\n")
+    if self._tb is not None:
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+  def progress(self, n: int = 1, **postfix):
+    if self._bar is not None:
+      self._bar.update(n)
+      if postfix:
+        self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                               for k, v in postfix.items()}, refresh=False)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+      self._tb = None
+
+  def history(self) -> dict:
+    """{"train": {step: record}, "eval": {step: record}} from metrics.jsonl."""
+    out = {"train": {}, "eval": {}}
+    if not os.path.exists(self.jsonl):
+      return out
+    with open(self.jsonl) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+          continue
+        out.setdefault(r.get("split", "train"), {})[r["step"]] = r
+    return out
+
+  def plot(self, path: str | None = None) -> str | None:
+    if not self.enabled:
+      return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h = self.history()
+    path = path or os.path.join(self.workdir, "loss_curve.png")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    tr = sorted(h["train"].items())
+    if tr:
+      ax.plot([s for s, _ in tr], [r["loss"] for _, r in tr], label="train loss", lw=1)
+    ev = sorted((s, r) for s, r in h["eval"].items() if "loss" in r)
+    if ev:
+      ax.plot([s for s, _ in ev], [r["loss"] for _, r in ev], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+  def summary(self, summary: dict) -> str | None:
+    if not self.enabled:
+      return None
+    path = os.path.join(self.workdir, "summary.json")
+    with open(path, "w") as f:
+      json.dump(summary, f, indent=1, default=str)
+    return path

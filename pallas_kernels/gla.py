@@ -1,0 +1,478 @@
+"""Chunkwise gated linear attention (no gate / per-head gate / per-channel GLA gate) in Pallas.
+
+  S_t = exp(g_t) * S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t      (DESIGN.md)
+
+Forward, in the kernel layout of `_common.py` (chunk size C, b = chunk-local cumsum of g):
+  kernel A (`state_pass`): h_c = state entering chunk c, sequential over chunks;
+      h_{c+1} = exp(b_last) h_c + (k * exp(b_last - b))^T v
+  kernel B (`output`):     every chunk in parallel;
+      o = scale (q * exp(b)) h_c + scale [(q k^T) * exp(b_i - b_j)]_{j <= i} v
+Backward mirrors it: the same state kernel run in reverse gives dh_c (gradient of the state
+leaving chunk c) and dh0; kernel `grads` gives dq, dk, dv for all chunks in parallel; the gate
+gradient follows outside from dL/d(cumsum g)_t = q_t dq_t - k_t dk_t (+ S_T dS_T at the end),
+reverse-cumsummed over the sequence.
+
+Per-channel gates never form exp of a positive number: the intra-chunk scores are built one
+key column j at a time as sum_k q_ik k_jk exp(b_ik - b_jk), masked (i >= j) before the exp.
+
+Two lowerings of the same step functions: GPU (Pallas Triton) runs the sequential state pass
+as a loop inside one program per (batch, head, V tile); TPU (Pallas Mosaic) runs it as an
+"arbitrary" grid axis over chunks with the state in a VMEM scratch buffer.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import _common as cm
+
+f32 = jnp.float32
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------- step math
+
+def _dot(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+
+
+def _dot_tn(a, b):  # a^T b
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+
+
+def _dot_nt(a, b):  # a b^T
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+
+
+def _iota(shape, dim):
+  return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def gate_view(kind, raw, C):
+  """Derived per-chunk gate quantities from the loaded gate blocks.
+
+  scalar: raw = (bcol [C,1], brow [1,C]) -> dict(bcol, brow, blast [1,1])
+  channel: raw = (gc [C,Kp], gcol [Kp,1]) -> dict(gc, glast_row [1,Kp], gcol)
+  """
+  if kind == "none":
+    return {}
+  if kind == "scalar":
+    bcol, brow = raw
+    blast = jnp.sum(jnp.where(_iota(brow.shape, 1) == C - 1, brow, 0.0), axis=1, keepdims=True)
+    return dict(bcol=bcol, brow=brow, blast=blast)
+  gc, gcol = raw
+  glast = jnp.sum(jnp.where(_iota(gc.shape, 0) == C - 1, gc, 0.0), axis=0, keepdims=True)
+  return dict(gc=gc, glast_row=glast, gcol=gcol)
+
+
+def _to_end(x, kind, gv):
+  """x * exp(b_last - b): decay each row to the end of its chunk (x: [C, Kp] f32)."""
+  if kind == "scalar":
+    return x * jnp.exp(gv["blast"] - gv["bcol"])
+  if kind == "channel":
+    return x * jnp.exp(gv["glast_row"] - gv["gc"])
+  return x
+
+
+def _from_start(x, kind, gv):
+  """x * exp(b): decay from the chunk start (x: [C, Kp] f32)."""
+  if kind == "scalar":
+    return x * jnp.exp(gv["bcol"])
+  if kind == "channel":
+    return x * jnp.exp(gv["gc"])
+  return x
+
+
+def _decay_state(h, kind, gv):
+  if kind == "scalar":
+    return h * jnp.exp(gv["blast"])
+  if kind == "channel":
+    return h * jnp.exp(gv["gcol"])
+  return h
+
+
+def state_step(h, x, y, kind, gv, reverse, scale, w=None):
+  """One chunk of the state pass. Forward: x = k, y = v; reverse: x = q, y = do.
+
+  Returns (new state, y actually used). With w (delta rule): y <- y - w h (= v_new).
+  """
+  dt = x.dtype
+  if w is not None:
+    y = y.astype(f32) - _dot(w, h.astype(dt))
+  xf = x.astype(f32)
+  xd = _from_start(xf, kind, gv) * scale if reverse else _to_end(xf, kind, gv)
+  h = _decay_state(h, kind, gv) + _dot_tn(xd.astype(dt), y.astype(dt))
+  return h, y
+
+
+def _causal(C):
+  return _iota((C, C), 0) >= _iota((C, C), 1)
+
+
+def _scalar_decay(kind, gv, C):
+  """[C, C] f32 decay matrix exp(b_i - b_j) on i >= j, 0 above (mask before exp)."""
+  mask = _causal(C)
+  if kind == "none":
+    return jnp.where(mask, 1.0, 0.0).astype(f32)
+  return jnp.exp(jnp.where(mask, gv["bcol"] - gv["brow"], NEG_INF))
+
+
+def _channel_loop(q, gc, k_ref, gc_ref, C, dpm=None):
+  """Per-channel intra-chunk terms, one key column j at a time.
+
+  Returns A [C, C] = sum_k q_ik k_jk exp(gc_ik - gc_jk) (i >= j), and with dpm (masked
+  dL/dA, [C,C]) also the intra-chunk dq, dk. q: [C,Kp] f32, gc: [C,Kp] f32.
+  """
+  Kp = q.shape[1]
+  rows = _iota((C, Kp), 0)
+  cols_cc = _iota((C, C), 1)
+  rows_c1 = _iota((C, 1), 0)
+
+  def body(j, carry):
+    kj = k_ref[pl.ds(j, 1), :].astype(f32)               # [1, Kp]
+    gj = gc_ref[pl.ds(j, 1), :]                           # [1, Kp]
+    e = jnp.exp(jnp.where(rows >= j, gc - gj, NEG_INF))  # [C, Kp]
+    qe = q * e
+    col = jnp.sum(qe * kj, axis=1, keepdims=True)         # [C, 1]
+    if dpm is None:
+      (a,) = carry
+      return (a + jnp.where(cols_cc == j, col, 0.0),)
+    a, dq, dk = carry
+    dpc = jnp.sum(jnp.where(cols_cc == j, dpm, 0.0), axis=1, keepdims=True)  # [C, 1]
+    dq = dq + dpc * kj * e
+    dk = dk + jnp.where(rows_c1 == j, jnp.sum(dpc * qe, axis=0, keepdims=True), 0.0)
+    return (a + jnp.where(cols_cc == j, col, 0.0), dq, dk)
+
+  init = (jnp.zeros((C, C), f32),)
+  if dpm is not None:
+    init = init + (jnp.zeros((C, Kp), f32), jnp.zeros((C, Kp), f32))
+  return lax.fori_loop(0, C, body, init)
+
+
+# --------------------------------------------------------------------------- kernels
+
+def _n_gate_refs(kind):
+  return {"none": 0, "scalar": 2, "channel": 2}[kind]
+
+
+def _state_kernel_gpu(*refs, kind, NT, C, H, reverse, scale, has_w):
+  ng = _n_gate_refs(kind)
+  x_ref, y_ref = refs[:2]
+  g_refs = refs[2:2 + ng]
+  i = 2 + ng
+  w_ref = refs[i] if has_w else None
+  i += has_w
+  h0_ref = refs[i]
+  hs_ref, hT_ref = refs[i + 1:i + 3]
+  ynew_ref = refs[i + 3] if has_w else None
+
+  def body(it, h):
+    c = NT - 1 - it if reverse else it
+    rows = pl.ds(pl.multiple_of(c * C, C), C)
+    if kind == "scalar":
+      raw = (g_refs[0][rows, :], g_refs[1][c])
+    elif kind == "channel":
+      raw = (g_refs[0][rows, :], g_refs[1][c])
+    else:
+      raw = None
+    gv = gate_view(kind, raw, C)
+    hs_ref[c] = h.astype(hs_ref.dtype)
+    w = w_ref[rows, :] if has_w else None
+    h, y = state_step(h, x_ref[rows, :], y_ref[rows, :], kind, gv, reverse, scale, w)
+    if has_w:
+      ynew_ref[rows, :] = y.astype(ynew_ref.dtype)
+    return h
+
+  h = lax.fori_loop(0, NT, body, h0_ref[...].astype(f32))
+  hT_ref[...] = h
+
+
+def _state_kernel_tpu(*refs, kind, NT, C, H, reverse, scale, has_w):
+  ng = _n_gate_refs(kind)
+  x_ref, y_ref = refs[:2]
+  g_refs = refs[2:2 + ng]
+  i = 2 + ng
+  w_ref = refs[i] if has_w else None
+  i += has_w
+  h0_ref = refs[i]
+  hs_ref, hT_ref = refs[i + 1:i + 3]
+  ynew_ref = refs[i + 3] if has_w else None
+  scr = refs[-1]
+  c = pl.program_id(2)
+
+  @pl.when(c == 0)
+  def _():
+    scr[...] = h0_ref[...].astype(f32)
+
+  h = scr[...]
+  hs_ref[...] = h.astype(hs_ref.dtype)
+  raw = tuple(r[...] for r in g_refs) if ng else None
+  gv = gate_view(kind, raw, C)
+  w = w_ref[...] if has_w else None
+  h, y = state_step(h, x_ref[...], y_ref[...], kind, gv, reverse, scale, w)
+  if has_w:
+    ynew_ref[...] = y.astype(ynew_ref.dtype)
+  scr[...] = h
+
+  @pl.when(c == NT - 1)
+  def _():
+    hT_ref[...] = h
+
+
+def _gate_specs_chunk(kind, C, Kp, cidx):
+  if kind == "scalar":
+    return [pl.BlockSpec((None, None, C, 1), lambda b, h, c: (b, h, cidx(c), 0)),
+            pl.BlockSpec((None, None, None, 1, C), lambda b, h, c: (b, h, cidx(c), 0, 0))]
+  if kind == "channel":
+    return [pl.BlockSpec((None, C, Kp), lambda b, h, c: (b, cidx(c), h)),
+            pl.BlockSpec((None, None, None, Kp, 1), lambda b, h, c: (b, h, cidx(c), 0, 0))]
+  return []
+
+
+def state_pass(x, y, gates, h0, *, kind, C, H, reverse, scale, backend, interpret, w=None,
+               state_dtype=None):
+  """Sequential pass over chunks. Returns (hs [B,H,NT,Kp,Vp], hT [B,H,Kp,Vp] f32, y_new)."""
+  B, Tp, HK = x.shape
+  Kp, Vp = HK // H, y.shape[-1] // H
+  NT = Tp // C
+  dt = x.dtype if state_dtype is None else state_dtype
+  has_w = w is not None
+  out_shape = [jax.ShapeDtypeStruct((B, H, NT, Kp, Vp), dt),
+               jax.ShapeDtypeStruct((B, H, Kp, Vp), f32)]
+  if has_w:
+    out_shape.append(jax.ShapeDtypeStruct(y.shape, x.dtype))
+  args = [x, y, *gates] + ([w] if has_w else []) + [h0]
+  statics = dict(kind=kind, NT=NT, C=C, H=H, reverse=reverse, scale=scale, has_w=has_w)
+  if backend == "tpu":
+    cidx = (lambda c: NT - 1 - c) if reverse else (lambda c: c)
+    xs = pl.BlockSpec((None, C, Kp), lambda b, h, c: (b, cidx(c), h))
+    ys = pl.BlockSpec((None, C, Vp), lambda b, h, c: (b, cidx(c), h))
+    st = pl.BlockSpec((None, None, Kp, Vp), lambda b, h, c: (b, h, 0, 0))
+    in_specs = [xs, ys, *_gate_specs_chunk(kind, C, Kp, cidx)] + ([xs] if has_w else []) + [st]
+    out_specs = [pl.BlockSpec((None, None, None, Kp, Vp), lambda b, h, c: (b, h, cidx(c), 0, 0)),
+                 st] + ([ys] if has_w else [])
+    return pl.pallas_call(
+        functools.partial(_state_kernel_tpu, **statics), out_shape=out_shape,
+        grid=(B, H, NT), in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM((Kp, Vp), f32)],
+        compiler_params=None if interpret else cm.compiler_params(
+            "tpu", ("parallel", "parallel", "arbitrary")),
+        interpret=cm.interpret_arg(interpret), name="linjax_state_pass")(*args)
+  BV = min(Vp, 64)
+  NV = Vp // BV
+  xs = pl.BlockSpec((None, Tp, Kp), lambda b, h, iv: (b, 0, h))
+  ys = pl.BlockSpec((None, Tp, BV), lambda b, h, iv: (b, 0, h * NV + iv))
+  if kind == "scalar":
+    gs = [pl.BlockSpec((None, None, Tp, 1), lambda b, h, iv: (b, h, 0, 0)),
+          pl.BlockSpec((None, None, NT, 1, C), lambda b, h, iv: (b, h, 0, 0, 0))]
+  elif kind == "channel":
+    gs = [pl.BlockSpec((None, Tp, Kp), lambda b, h, iv: (b, 0, h)),
+          pl.BlockSpec((None, None, NT, Kp, 1), lambda b, h, iv: (b, h, 0, 0, 0))]
+  else:
+    gs = []
+  st = pl.BlockSpec((None, None, Kp, BV), lambda b, h, iv: (b, h, 0, iv))
+  in_specs = [xs, ys, *gs] + ([xs] if has_w else []) + [st]
+  out_specs = [pl.BlockSpec((None, None, NT, Kp, BV), lambda b, h, iv: (b, h, 0, 0, iv)),
+               st] + ([ys] if has_w else [])
+  return pl.pallas_call(
+      functools.partial(_state_kernel_gpu, **statics), out_shape=out_shape,
+      grid=(B, H, NV), in_specs=in_specs, out_specs=out_specs,
+      compiler_params=None if interpret else cm.compiler_params("gpu", None, num_warps=4,
+                                                                num_stages=2),
+      interpret=cm.interpret_arg(interpret), name="linjax_state_pass")(*args)
+
+
+def _output_kernel(*refs, kind, C, scale):
+  ng = _n_gate_refs(kind)
+  q_ref, k_ref, v_ref = refs[:3]
+  g_refs = refs[3:3 + ng]
+  h_ref, o_ref = refs[3 + ng:]
+  q, k, v = q_ref[...], k_ref[...], v_ref[...]
+  dt = q.dtype
+  gv = gate_view(kind, tuple(r[...] for r in g_refs) if ng else None, C)
+  qf = q.astype(f32)
+  if kind == "channel":
+    (a,) = _channel_loop(qf, gv["gc"], k_ref, g_refs[0], C)
+  else:
+    a = _dot_nt(q, k) * _scalar_decay(kind, gv, C)
+  qg = _from_start(qf, kind, gv)
+  o = _dot(qg.astype(dt), h_ref[...].astype(dt)) + _dot(a.astype(dt), v)
+  o_ref[...] = (o * scale).astype(o_ref.dtype)
+
+
+def _chunk_specs(kind, C, Kp, Vp):
+  qs = pl.BlockSpec((None, C, Kp), lambda b, h, c: (b, c, h))
+  vs = pl.BlockSpec((None, C, Vp), lambda b, h, c: (b, c, h))
+  hs = pl.BlockSpec((None, None, None, Kp, Vp), lambda b, h, c: (b, h, c, 0, 0))
+  return qs, vs, _gate_specs_chunk(kind, C, Kp, lambda c: c), hs
+
+
+def output(q, k, v, gates, hs, *, kind, C, H, scale, backend, interpret):
+  B, Tp, HK = q.shape
+  Kp, Vp = HK // H, v.shape[-1] // H
+  NT = Tp // C
+  qs, vs, gs, hsp = _chunk_specs(kind, C, Kp, Vp)
+  cp = None if interpret else (
+      cm.compiler_params("tpu", ("parallel",) * 3) if backend == "tpu"
+      else cm.compiler_params("gpu", None, num_warps=4, num_stages=2))
+  return pl.pallas_call(
+      functools.partial(_output_kernel, kind=kind, C=C, scale=scale),
+      out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), grid=(B, H, NT),
+      in_specs=[qs, qs, vs, *gs, hsp], out_specs=vs, compiler_params=cp,
+      interpret=cm.interpret_arg(interpret), name="linjax_chunk_output")(q, k, v, *gates, hs)
+
+
+def _grads_kernel(*refs, kind, C, scale):
+  ng = _n_gate_refs(kind)
+  q_ref, k_ref, v_ref = refs[:3]
+  g_refs = refs[3:3 + ng]
+  h_ref, do_ref, dh_ref, dq_ref, dk_ref, dv_ref = refs[3 + ng:]
+  q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+  dt = q.dtype
+  h, dh = h_ref[...].astype(dt), dh_ref[...].astype(dt)
+  gv = gate_view(kind, tuple(r[...] for r in g_refs) if ng else None, C)
+  qf, kf = q.astype(f32), k.astype(f32)
+  if kind == "channel":
+    dpm = jnp.where(_causal(C), _dot_nt(do, v), 0.0) * scale
+    a, dq, dk = _channel_loop(qf, gv["gc"], k_ref, g_refs[0], C, dpm=dpm)
+    a = a * scale
+  else:
+    dmat = _scalar_decay(kind, gv, C)
+    a = _dot_nt(q, k) * dmat * scale
+    dp = (_dot_nt(do, v) * dmat * scale).astype(dt)
+    dq = _dot(dp, k)
+    dk = _dot_tn(dp, q)
+  dq = dq + _from_start(_dot_nt(do, h), kind, gv) * scale
+  dk = dk + _to_end(_dot_nt(v, dh), kind, gv)
+  kd = _to_end(kf, kind, gv).astype(dt)
+  dv = _dot_tn(a.astype(dt), do) + _dot(kd, dh)
+  dq_ref[...] = dq
+  dk_ref[...] = dk
+  dv_ref[...] = dv
+
+
+def grads(q, k, v, gates, hs, do, dhs, *, kind, C, H, scale, backend, interpret):
+  B, Tp, HK = q.shape
+  Kp, Vp = HK // H, v.shape[-1] // H
+  NT = Tp // C
+  qs, vs, gs, hsp = _chunk_specs(kind, C, Kp, Vp)
+  cp = None if interpret else (
+      cm.compiler_params("tpu", ("parallel",) * 3) if backend == "tpu"
+      else cm.compiler_params("gpu", None, num_warps=8 if Kp * Vp > 64 * 64 else 4,
+                              num_stages=1))
+  out_shape = [jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(k.shape, f32),
+               jax.ShapeDtypeStruct(v.shape, f32)]
+  return pl.pallas_call(
+      functools.partial(_grads_kernel, kind=kind, C=C, scale=scale),
+      out_shape=out_shape, grid=(B, H, NT),
+      in_specs=[qs, qs, vs, *gs, hsp, vs, hsp], out_specs=[qs, qs, vs], compiler_params=cp,
+      interpret=cm.interpret_arg(interpret), name="linjax_chunk_grads")(
+          q, k, v, *gates, hs, do, dhs)
+
+
+# --------------------------------------------------------------------------- host side
+
+def gate_arrays(g, kind, C, H):
+  """Raw padded gate -> the kernel's gate inputs (chunk-local fp32 cumsums).
+
+  scalar: g [B, Tp, H] -> (bcol [B,H,Tp,1], brow [B,H,NT,1,C])
+  channel: g [B, Tp, H*Kp] -> (gc [B,Tp,H*Kp], gcol [B,H,NT,Kp,1])
+  """
+  if kind == "none":
+    return ()
+  B, Tp = g.shape[:2]
+  NT = Tp // C
+  gc = cm.chunk_cumsum(g, C)
+  if kind == "scalar":
+    bt = jnp.transpose(gc, (0, 2, 1))                       # [B, H, Tp]
+    return bt[..., None], bt.reshape(B, H, NT, 1, C)
+  Kp = g.shape[-1] // H
+  last = gc.reshape(B, NT, C, H, Kp)[:, :, -1]              # [B, NT, H, Kp]
+  return gc, jnp.transpose(last, (0, 2, 1, 3))[..., None]
+
+
+def gate_token_grad(q, k, dq, dk, kind, H):
+  """dL/d(global cumsum of g) per token, without the final-state term."""
+  t = q.astype(f32) * dq - k.astype(f32) * dk               # [B, Tp, H*Kp]
+  if kind == "scalar":
+    B, Tp, HK = t.shape
+    t = t.reshape(B, Tp, H, HK // H).sum(-1)
+  return t
+
+
+@functools.lru_cache(maxsize=None)
+def _make_core(kind, C, H, scale, backend, interpret):
+  kw = dict(kind=kind, C=C, H=H, scale=scale, backend=backend, interpret=interpret)
+
+  def fwd(q, k, v, g, h0):
+    gates = gate_arrays(g, kind, C, H)
+    hs, hT = state_pass(k, v, gates, h0, reverse=False, **kw)[:2]
+    o = output(q, k, v, gates, hs, **kw)
+    return (o, hT), (q, k, v, g, h0, hs, hT)
+
+  def bwd(res, cts):
+    q, k, v, g, h0, hs, hT = res
+    do, dhT = cts
+    do = do.astype(v.dtype)
+    gates = gate_arrays(g, kind, C, H)
+    dhs, dh0 = state_pass(q, do, gates, dhT.astype(f32), reverse=True, **kw)[:2]
+    dq, dk, dv = grads(q, k, v, gates, hs, do, dhs, **kw)
+    if kind == "none":
+      dg = None
+    else:
+      t = gate_token_grad(q, k, dq, dk, kind, H)
+      fin = hT * dhT                                          # [B, H, Kp, Vp]
+      fin = fin.sum((2, 3)) if kind == "scalar" else fin.sum(3).reshape(fin.shape[0], -1)
+      t = t.at[:, -1].add(fin)
+      dg = cm.reverse_cumsum(t, axis=1)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dh0
+
+  @jax.custom_vjp
+  def core(q, k, v, g, h0):
+    return fwd(q, k, v, g, h0)[0]
+
+  core.defvjp(fwd, bwd)
+  return core
+
+
+def gla_chunk_impl(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens,
+                   chunk_size, interpret, backend):
+  """The whole op for one backend ("gpu" or "tpu" style kernels)."""
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  scale = float(K ** -0.5 if scale is None else scale)
+  C = int(chunk_size)
+  if C < 16 or C & (C - 1):
+    raise ValueError(f"chunk_size must be a power of two >= 16, got {C}")
+  kind = "none" if g is None else ("scalar" if g.ndim == 3 else "channel")
+  if cu_seqlens is not None:
+    if B != 1:
+      raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
+    L, (qu, ku, vu, gu) = cm.varlen_unpack(cu_seqlens, T, q, k, v, g)
+    o, S = gla_chunk_impl(qu, ku, vu, gu, scale=scale, initial_state=initial_state,
+                          output_final_state=True, cu_seqlens=None, chunk_size=C,
+                          interpret=interpret, backend=backend)
+    return cm.varlen_repack(cu_seqlens, T, o), (S if output_final_state else None)
+  Kp, Vp = cm.padded_dim(K, backend), cm.padded_dim(V, backend)
+  Tp = -(-max(T, 1) // C) * C
+  ql, kl = cm.to_kernel_layout(q, Tp, Kp), cm.to_kernel_layout(k, Tp, Kp)
+  vl = cm.to_kernel_layout(v.astype(q.dtype), Tp, Vp)
+  if kind == "scalar":
+    gl = cm.pad_axis(g.astype(f32), 1, Tp)
+  elif kind == "channel":
+    gl = cm.to_kernel_layout(g.astype(f32), Tp, Kp)
+  else:
+    gl = None
+  if initial_state is None:
+    h0 = jnp.zeros((B, H, Kp, Vp), f32)
+  else:
+    h0 = cm.pad_axis(cm.pad_axis(initial_state.astype(f32), 2, Kp), 3, Vp)
+  core = _make_core(kind, C, H, scale, backend, interpret)
+  o, S = core(ql, kl, vl, gl, h0)
+  o = cm.from_kernel_layout(o, T, H, V).astype(v.dtype)
+  return o, (S[:, :, :K, :V] if output_final_state else None)

@@ -1,0 +1,112 @@
+"""Helpers for the ops tests (tests/test_ops_*.py): inputs, gradients, comparisons."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.helpers import rel_err
+
+F32 = jnp.float32
+FP32_TOL = 1e-5
+BF16_TOL = 2e-2
+
+# Largest relative error seen per (op, method, what), filled as the tests run; printed at the
+# end of the session by `report_errors` (see test_ops_misc.py).
+MAX_ERR: dict = {}
+
+
+def gate_values(key, shape, strength):
+  """Log forget gates <= 0. weak: near 0; strong: down to -10 per step; mixed: log-uniform."""
+  if strength == "weak":
+    return -jax.random.uniform(key, shape, F32, 0.0, 1e-2)
+  if strength == "strong":
+    return -jax.random.uniform(key, shape, F32, 0.0, 10.0)
+  if strength == "mixed":
+    return -jnp.exp(jax.random.uniform(key, shape, F32, np.log(1e-3), np.log(10.0)))
+  raise ValueError(strength)
+
+
+def make_inputs(seed, B, T, H, K, V, *, gate=None, strength="mixed", delta=False,
+                h0=True, dtype=F32):
+  """dict of op inputs. gate: None | 'head' | 'channel'. delta: add beta in (0, 2) and use
+  L2-normalised keys (DeltaNet)."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  q = jax.random.normal(ks[0], (B, T, H, K), F32)
+  k = jax.random.normal(ks[1], (B, T, H, K), F32)
+  if delta:
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  else:
+    k = k * K ** -0.5
+  v = jax.random.normal(ks[2], (B, T, H, V), F32)
+  out = dict(q=q.astype(dtype), k=k.astype(dtype), v=v.astype(dtype))
+  if delta:
+    out["beta"] = (2.0 * jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H), F32))).astype(dtype)
+  if gate == "head":
+    out["g"] = gate_values(ks[4], (B, T, H), strength)
+  elif gate == "channel":
+    out["g"] = gate_values(ks[4], (B, T, H, K), strength)
+  else:
+    out["g"] = None
+  if h0:
+    out["initial_state"] = jax.random.normal(ks[5], (B, H, K, V), F32)
+  return out
+
+
+def cotangents(seed, o_shape, s_shape):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 1000))
+  return jax.random.normal(k1, o_shape, F32), jax.random.normal(k2, s_shape, F32)
+
+
+def run_with_grads(fn, inputs, do, dS, **kw):
+  """(o, S, grads) of `(o * do).sum() + (S * dS).sum()` wrt every non-None float input."""
+  names = sorted(n for n, x in inputs.items() if x is not None)
+  fixed = {n: x for n, x in inputs.items() if x is None}
+
+  @jax.jit
+  def go(diff):
+    def loss(diff):
+      o, S = fn(**diff, **fixed, output_final_state=True, **kw)
+      return (o.astype(F32) * do).sum() + (S * dS).sum(), (o, S)
+    (_, (o, S)), grads = jax.value_and_grad(loss, has_aux=True)(diff)
+    return o, S, grads
+
+  return go({n: inputs[n] for n in names})
+
+
+def compare(ref, out, tol, tag):
+  """ref/out: (o, S, grads). Asserts every relative error <= tol; records the maxima."""
+  errs = {"o": rel_err(ref[0], out[0]), "S": rel_err(ref[1], out[1])}
+  for n in ref[2]:
+    errs["d" + n] = rel_err(ref[2][n], out[2][n])
+  for what, e in errs.items():
+    key = tag + (what,)
+    MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), e)
+  bad = {w: e for w, e in errs.items() if not e <= tol}
+  assert not bad, f"{tag}: relative errors above {tol:g}: " + ", ".join(
+      f"{w}={e:.2e}" for w, e in bad.items())
+  return errs
+
+
+@functools.cache
+def _ref_fn(op):
+  from linjax.ops import reference
+  return getattr(reference, op)
+
+
+def reference_run(op, inputs, do, dS):
+  """The fp32 reference on fp32 copies of the inputs."""
+  f32 = {n: (None if x is None else x.astype(F32)) for n, x in inputs.items()}
+  return run_with_grads(_ref_fn(op), f32, do, dS)
+
+
+@functools.cache
+def case(op, seed, B, T, H, K, V, gate, strength, dtype_name="float32", h0=True):
+  """Cached (inputs, cotangents, fp32 reference (o, S, grads)) for one configuration."""
+  dtype = jnp.dtype(dtype_name)
+  inputs = make_inputs(seed, B, T, H, K, V, gate=gate, strength=strength,
+                       delta=(op == "delta_rule"), h0=h0, dtype=dtype)
+  do, dS = cotangents(seed, (B, T, H, V), (B, H, K, V))
+  return inputs, (do, dS), reference_run(op, inputs, do, dS)

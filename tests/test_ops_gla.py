@@ -1,0 +1,229 @@
+"""linjax.ops.gla: every method against the token-by-token reference, values and gradients."""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linjax import ops
+from linjax.ops import reference
+from tests.helpers import assert_rel, load_fla_naive, rel_err
+from tests.ops_util import BF16_TOL, F32, FP32_TOL, case, compare, make_inputs, run_with_grads
+
+METHODS = ("recurrent", "parallel", "chunk", "assoc_scan")
+GATES = (None, "head", "channel")
+
+
+def check(method, B, T, H, K, V, gate, strength, chunk_size=64, dtype="float32", seed=0):
+  inputs, (do, dS), ref = case("gla", seed, B, T, H, K, V, gate, strength, dtype)
+  fn = functools.partial(ops.gla, method=method, chunk_size=chunk_size)
+  out = run_with_grads(fn, inputs, do, dS)
+  tol = FP32_TOL if dtype == "float32" else BF16_TOL
+  return compare(ref, out, tol, ("gla", method, dtype))
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_match_reference(method, gate):
+  # odd length, head dim that is not a power of two, V != K, chunk 32, initial state
+  check(method, 2, 75, 2, 60, 36, gate, "mixed", chunk_size=32)
+
+
+# The issue's matrix, a spread of it in the default run (the full product is `slow`).
+MATRIX = [
+    # method, T, K, chunk, gate, strength
+    ("chunk", 1, 60, 16, "channel", "weak"),
+    ("assoc_scan", 1, 128, 64, "head", "strong"),
+    ("chunk", 63, 128, 64, "channel", "strong"),
+    ("assoc_scan", 63, 60, 16, "channel", "weak"),
+    ("chunk", 500, 60, 16, "head", "strong"),
+    ("chunk", 500, 128, 64, "channel", "mixed"),
+    ("assoc_scan", 500, 60, 32, "channel", "strong"),
+    ("parallel", 500, 60, 64, "channel", "mixed"),
+    ("parallel", 63, 128, 64, "head", "weak"),
+    ("chunk", 75, 128, 32, None, "mixed"),
+]
+
+
+@pytest.mark.parametrize("method,T,K,chunk,gate,strength", MATRIX)
+def test_matrix(method, T, K, chunk, gate, strength):
+  check(method, 1, T, 2, K, 32, gate, strength, chunk_size=chunk)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,T,K,chunk,gate,strength", [
+    c for c in itertools.product(METHODS, (1, 63, 75, 500), (60, 128), (16, 32, 64), GATES,
+                                 ("weak", "strong"))
+    if c[0] in ("chunk", "assoc_scan") or c[3] == 64])
+def test_matrix_full(method, T, K, chunk, gate, strength):
+  check(method, 1, T, 2, K, 32, gate, strength, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("method,gate", [("chunk", "channel"), ("chunk", "head"),
+                                         ("assoc_scan", "channel"), ("parallel", None)])
+def test_bf16_inputs(method, gate):
+  inputs, (do, dS), ref = case("gla", 3, 1, 75, 2, 64, 32, gate, "mixed", "bfloat16")
+  out = run_with_grads(functools.partial(ops.gla, method=method, chunk_size=32), inputs, do, dS)
+  assert out[0].dtype == jnp.bfloat16 and out[1].dtype == F32
+  compare(ref, out, BF16_TOL, ("gla", method, "bfloat16"))
+
+
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_long_bf16_strong_gates(gate):
+  """T = 32768, bf16, log gates down to -10 per step: finite and within 2e-2 of fp32."""
+  T, H, K, V = 32768, 1, 16, 16
+  inp = make_inputs(7, 1, T, H, K, V, gate=gate, strength="strong")
+  ref_o, ref_S = jax.jit(functools.partial(reference.gla, output_final_state=True))(**inp)
+  bf = {n: (x.astype(jnp.bfloat16) if n in "qkv" else x) for n, x in inp.items()}
+  o, S = jax.jit(functools.partial(ops.gla, method="chunk", output_final_state=True))(**bf)
+  assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(S)).all()
+  ref_o32, ref_S32 = jax.jit(functools.partial(reference.gla, output_final_state=True))(
+      **{n: (None if x is None else x.astype(F32)) for n, x in bf.items()})
+  assert_rel(ref_o32, o, BF16_TOL, "o vs fp32 ref (same rounded inputs)")
+  assert_rel(ref_o, o, BF16_TOL, "o vs fp32 ref")
+  assert_rel(ref_S, S, BF16_TOL, "final state vs fp32 ref")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_varlen_with_empty_sequence(method):
+  cu = jnp.array([0, 13, 13, 50, 75], jnp.int32)       # sequence 1 is empty
+  N, T, H, K, V = 4, 75, 2, 60, 36
+  inp = make_inputs(11, 1, T, H, K, V, gate="channel", strength="mixed", h0=False)
+  inp["initial_state"] = jax.random.normal(jax.random.PRNGKey(5), (N, H, K, V), F32)
+  do = jax.random.normal(jax.random.PRNGKey(6), (1, T, H, V), F32)
+  dS = jax.random.normal(jax.random.PRNGKey(7), (N, H, K, V), F32)
+  ref = run_with_grads(functools.partial(reference.gla, cu_seqlens=cu), inp, do, dS)
+  out = run_with_grads(functools.partial(ops.gla, cu_seqlens=cu, method=method, chunk_size=16),
+                       inp, do, dS)
+  compare(ref, out, FP32_TOL, ("gla", method, "varlen"))
+  # the empty sequence keeps its initial state
+  np.testing.assert_array_equal(np.asarray(out[1][1]), np.asarray(inp["initial_state"][1]))
+  # and each sequence equals a separate call
+  for n in (0, 2, 3):
+    s, e = int(cu[n]), int(cu[n + 1])
+    sub = {x: (None if inp[x] is None else inp[x][:, s:e]) for x in ("q", "k", "v", "g")}
+    o, S = ops.gla(**sub, initial_state=inp["initial_state"][n:n + 1], output_final_state=True,
+                   method=method, chunk_size=16)
+    assert rel_err(o, out[0][:, s:e]) < FP32_TOL and rel_err(S[0], out[1][n]) < FP32_TOL
+
+
+@pytest.mark.parametrize("method,gate", [("chunk", "channel"), ("assoc_scan", "head"),
+                                         ("parallel", None)])
+def test_split_and_resume(method, gate):
+  inp = make_inputs(13, 2, 75, 2, 60, 36, gate=gate, strength="mixed")
+  f = functools.partial(ops.gla, method=method, chunk_size=16, output_final_state=True)
+  o, S = f(**inp)
+  cut = 33
+  part = lambda sl: {n: (None if inp[n] is None else inp[n][:, sl]) for n in ("q", "k", "v", "g")}
+  o1, S1 = f(**part(slice(0, cut)), initial_state=inp["initial_state"])
+  o2, S2 = f(**part(slice(cut, None)), initial_state=S1)
+  assert rel_err(o, jnp.concatenate([o1, o2], 1)) < FP32_TOL
+  assert rel_err(S, S2) < FP32_TOL
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_step_matches_full_op(gate, normalize):
+  T = 9
+  inp = make_inputs(17, 2, T, 2, 12, 8, gate=gate, h0=False)
+  if normalize:
+    inp["q"], inp["k"] = jax.nn.elu(inp["q"]) + 1, jax.nn.elu(inp["k"]) + 1
+  o, S = ops.gla(**inp, output_final_state=True, normalize=normalize, method="chunk",
+                 chunk_size=16)
+  step = jax.jit(functools.partial(ops.gla_step, normalize=normalize))
+  state, outs = None, []
+  for t in range(T):
+    g = None if inp["g"] is None else inp["g"][:, t]
+    ot, state = step(state, inp["q"][:, t], inp["k"][:, t], inp["v"][:, t], g)
+    outs.append(ot)
+  assert rel_err(o, jnp.stack(outs, 1)) < FP32_TOL
+  assert rel_err(S, state) < FP32_TOL
+  # [B, 1, H, D] inputs keep the time axis
+  g = None if inp["g"] is None else inp["g"][:, :1]
+  o1, _ = ops.gla_step(None, inp["q"][:, :1], inp["k"][:, :1], inp["v"][:, :1], g,
+                       normalize=normalize)
+  assert o1.shape == (2, 1, 2, 8) and rel_err(o[:, :1], o1) < FP32_TOL
+
+
+@pytest.mark.parametrize("gate", [None, "head"])
+def test_normalize_matches_numpy(gate):
+  B, T, H, K, V = 1, 21, 2, 8, 5
+  inp = make_inputs(19, B, T, H, K, V, gate=gate, h0=False)
+  q, k = jax.nn.elu(inp["q"]) + 1, jax.nn.elu(inp["k"]) + 1
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, inp["v"]))
+  gn = np.zeros((B, T, H)) if gate is None else np.asarray(inp["g"], np.float64)
+  want = np.zeros((B, T, H, V))
+  for t in range(T):
+    w = np.exp(np.cumsum(gn[:, t::-1], axis=1))[:, ::-1]  # decay from s to t: exp(sum g_{s+1..t})
+    w = np.concatenate([w[:, 1:], np.ones((B, 1, H))], 1)
+    att = np.einsum("bhk,bshk->bsh", qn[:, t], kn[:, :t + 1]) * w
+    want[:, t] = np.einsum("bsh,bshv->bhv", att, vn[:, :t + 1]) / att.sum(1)[..., None]
+  for method in ("chunk", "recurrent"):
+    o, S = ops.gla(q, k, inp["v"], inp["g"], normalize=True, output_final_state=True,
+                   method=method, chunk_size=16, eps=0.0)
+    assert rel_err(want, o) < FP32_TOL, method
+    assert S.shape == (B, H, K, V + 1)
+    zn = np.einsum("bshk,bsh->bhk", kn, np.exp(np.cumsum(gn[:, ::-1], 1)[:, ::-1] - gn[:, :1] * 0)
+                   * 0 + 1) if gate is None else None
+    if zn is not None:   # no gate: the last column is the plain key sum
+      assert rel_err(zn, S[..., -1]) < FP32_TOL
+
+
+def test_fla_naive_gla_and_simple_gla():
+  torch = pytest.importorskip("torch")
+  fla_gla, fla_simple = load_fla_naive("gla"), load_fla_naive("simple_gla")
+  if fla_gla is None or fla_simple is None:
+    pytest.skip("fla-core is not installed")
+  t = lambda x: torch.from_numpy(np.asarray(x, np.float32))
+  inp = make_inputs(23, 2, 63, 2, 60, 36, gate="channel", strength="mixed")
+  o_ref, S_ref = fla_gla.naive_recurrent_gla(t(inp["q"]), t(inp["k"]), t(inp["v"]), t(inp["g"]),
+                                             initial_state=t(inp["initial_state"]),
+                                             output_final_state=True)
+  for method in METHODS:
+    o, S = ops.gla(**inp, output_final_state=True, method=method, chunk_size=16)
+    assert rel_err(o_ref.numpy(), o) < FP32_TOL and rel_err(S_ref.numpy(), S) < FP32_TOL, method
+  inp = make_inputs(29, 2, 63, 2, 60, 36, gate="head", strength="mixed")
+  o_ref, S_ref = fla_simple.naive_recurrent_simple_gla(
+      t(inp["q"]), t(inp["k"]), t(inp["v"]), t(inp["g"]), scale=0.3,
+      initial_state=t(inp["initial_state"]), output_final_state=True)
+  for method in METHODS:
+    o, S = ops.gla(**inp, scale=0.3, output_final_state=True, method=method, chunk_size=32)
+    assert rel_err(o_ref.numpy(), o) < FP32_TOL and rel_err(S_ref.numpy(), S) < FP32_TOL, method
+
+
+def test_auto_and_pallas_dispatch():
+  inp = make_inputs(31, 1, 20, 1, 8, 8, gate="head", h0=False)
+  o_auto, _ = ops.gla(**inp)                        # chunk on CPU
+  o_chunk, _ = ops.gla(**inp, method="chunk")
+  np.testing.assert_array_equal(np.asarray(o_auto), np.asarray(o_chunk))
+  try:
+    o_pallas, _ = ops.gla(**inp, method="pallas", chunk_size=16)
+  except NotImplementedError as e:
+    assert "gla_chunk" in str(e)
+  else:
+    assert rel_err(o_chunk, o_pallas) < FP32_TOL
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=jnp.zeros((2, 5, 3))), r"`q` must have shape \[B, T, H, K\]"),
+    (dict(k=jnp.zeros((2, 5, 3, 7))), r"`k` must have shape \[B, T, H, K\]"),
+    (dict(v=jnp.zeros((2, 6, 3, 4))), r"`v` must have shape \[B, T, H, V\]"),
+    (dict(g=jnp.zeros((2, 5, 4))), r"`g` must have shape \[B, T, H\]"),
+    (dict(g=jnp.zeros((2, 5, 3), jnp.int32)), r"`g` must be a floating"),
+    (dict(initial_state=jnp.zeros((2, 3, 8, 5))), r"`initial_state` must have shape \[B, H, K, V\]"),
+    (dict(q=jnp.zeros((2, 5, 3, 8), jnp.int32)), r"`q` must be a floating"),
+    (dict(v=jnp.zeros((2, 5, 3, 4), jnp.bfloat16)), r"share a dtype"),
+    (dict(method="fast"), r"`method` must be one of"),
+    (dict(chunk_size=0), r"`chunk_size` must be a positive int"),
+    (dict(cu_seqlens=jnp.array([0, 3, 5])), r"`cu_seqlens` needs a packed batch"),
+    (dict(normalize=True, initial_state=jnp.zeros((2, 3, 8, 4))), r"V \+ 1"),
+])
+def test_errors_name_the_argument(bad, match):
+  args = dict(q=jnp.zeros((2, 5, 3, 8)), k=jnp.zeros((2, 5, 3, 8)), v=jnp.zeros((2, 5, 3, 4)))
+  args.update(bad)
+  with pytest.raises(ValueError, match=match):
+    ops.gla(**args)

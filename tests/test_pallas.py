@@ -1,0 +1,211 @@
+"""Pallas kernels in interpret mode vs linjax.ops.reference: values and every gradient.
+
+Interpret mode is Pallas' TPU interpreter with uninitialised memory filled with NaN and
+out-of-bounds reads raising (`pltpu.InterpretParams`), so a kernel that reads what it never
+wrote fails here. Both kernel structures are run: "gpu" (Triton-style, sequential loop inside
+the kernel) and "tpu" (Mosaic-style, "arbitrary" grid axis with a VMEM scratch state).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linjax.ops import reference as R
+from pallas_kernels.delta import delta_rule_chunk_impl
+from pallas_kernels.gla import gla_chunk_impl
+import pallas_kernels
+from tests.helpers import rel_err
+
+F32_TOL = 1e-4
+BF16_TOL = 2e-2
+
+
+def _gate(key, kind, shape_bth, K, strength):
+  if kind == "none":
+    return None
+  shape = shape_bth if kind == "scalar" else shape_bth + (K,)
+  if strength == "strong":  # about -10 per step
+    return -10.0 * jax.random.uniform(key, shape, minval=0.8, maxval=1.2)
+  return jax.nn.log_sigmoid(jax.random.normal(key, shape) + 2.0)
+
+
+def _inputs(seed, B, T, H, K, V, dtype, kind="scalar", strength="normal", beta=False,
+            n_states=None, normalize_k=False):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  q = jax.random.normal(ks[0], (B, T, H, K))
+  k = jax.random.normal(ks[1], (B, T, H, K))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True) if normalize_k else k * K ** -0.5
+  v = jax.random.normal(ks[2], (B, T, H, V))
+  g = _gate(ks[3], kind, (B, T, H), K, strength)
+  h0 = jax.random.normal(ks[4], (n_states or B, H, K, V)) * 0.5
+  cast = lambda x: x.astype(dtype)
+  args = dict(q=cast(q), k=cast(k), v=cast(v), g=g, h0=h0)
+  if beta:
+    args["beta"] = jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))) * 2.0 * 0.9
+  return args
+
+
+def _compare(kernel_fn, ref_fn, args, tol, gtol, seed=0):
+  """Values of o and final state, and gradients of every array argument."""
+  names = [n for n, a in args.items() if a is not None]
+  o_ref, s_ref = ref_fn(**args)
+  o, s = kernel_fn(**args)
+  assert o.dtype == args["v"].dtype and s.dtype == jnp.float32
+  e = {"o": rel_err(o_ref, o), "S": rel_err(s_ref, s)}
+  assert e["o"] <= tol and e["S"] <= tol, e
+  kd, ks = jax.random.split(jax.random.PRNGKey(seed + 100))
+  do = jax.random.normal(kd, o.shape)
+  ds = jax.random.normal(ks, s.shape)
+
+  def loss(fn, *xs):
+    kw = dict(args)
+    kw.update(zip(names, xs))
+    o, s = fn(**kw)
+    return (o.astype(jnp.float32) * do).sum() + (s * ds).sum()
+
+  xs = [args[n] for n in names]
+  g_ref = jax.grad(functools.partial(loss, ref_fn), range(len(xs)))(*xs)
+  g_ker = jax.grad(functools.partial(loss, kernel_fn), range(len(xs)))(*xs)
+  for n, a, b in zip(names, g_ref, g_ker):
+    e["d" + n] = rel_err(a, b)
+    assert e["d" + n] <= gtol, (n, e)
+  return e
+
+
+def _gla_fns(C, backend, cu_seqlens=None):
+  def ker(q, k, v, g, h0):
+    return gla_chunk_impl(q, k, v, g, scale=None, initial_state=h0, output_final_state=True,
+                          cu_seqlens=cu_seqlens, chunk_size=C, interpret=True, backend=backend)
+
+  def ref(q, k, v, g, h0):
+    return R.gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+  return ker, ref
+
+
+def _delta_fns(C, backend, cu_seqlens=None):
+  def ker(q, k, v, g, h0, beta):
+    return delta_rule_chunk_impl(q, k, v, beta, g, scale=None, initial_state=h0,
+                                 output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=C,
+                                 interpret=True, backend=backend)
+
+  def ref(q, k, v, g, h0, beta):
+    return R.delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True,
+                        cu_seqlens=cu_seqlens)
+  return ker, ref
+
+
+# ------------------------------------------------------------------------------ GLA family
+
+@pytest.mark.parametrize("kind", ["none", "scalar", "channel"])
+def test_gla_fp32_odd_length_headdim60(kind):
+  args = _inputs(0, 2, 75, 2, 60, 32, jnp.float32, kind)
+  _compare(*_gla_fns(16, "gpu"), args, F32_TOL, F32_TOL)
+
+
+@pytest.mark.parametrize("kind", ["scalar", "channel"])
+def test_gla_tpu_structure(kind):
+  args = _inputs(1, 1, 50, 2, 60, 48, jnp.float32, kind)
+  _compare(*_gla_fns(16, "tpu"), args, F32_TOL, F32_TOL)
+
+
+def test_gla_bf16_headdim128():
+  args = _inputs(2, 1, 63, 2, 128, 128, jnp.bfloat16, "channel")
+  _compare(*_gla_fns(32, "gpu"), args, BF16_TOL, BF16_TOL)
+
+
+@pytest.mark.parametrize("kind", ["scalar", "channel"])
+def test_gla_strong_gates(kind):
+  args = _inputs(3, 1, 40, 2, 32, 32, jnp.float32, kind, strength="strong")
+  _compare(*_gla_fns(16, "gpu"), args, F32_TOL, F32_TOL)
+
+
+def test_gla_varlen_with_empty_sequence():
+  cu = np.array([0, 20, 20, 57, 70], np.int32)
+  args = _inputs(4, 1, 70, 2, 32, 16, jnp.float32, "channel", n_states=4)
+  _compare(*_gla_fns(16, "gpu", cu_seqlens=cu), args, F32_TOL, F32_TOL)
+
+
+def test_gla_split_and_resume():
+  a = _inputs(5, 2, 90, 2, 32, 32, jnp.float32, "scalar")
+  kw = dict(scale=None, cu_seqlens=None, chunk_size=16, interpret=True, backend="gpu")
+  o, s = gla_chunk_impl(a["q"], a["k"], a["v"], a["g"], initial_state=a["h0"],
+                        output_final_state=True, **kw)
+  cut = 37
+  sl = lambda x, i, j: x[:, i:j]
+  o1, s1 = gla_chunk_impl(sl(a["q"], 0, cut), sl(a["k"], 0, cut), sl(a["v"], 0, cut),
+                          sl(a["g"], 0, cut), initial_state=a["h0"], output_final_state=True,
+                          **kw)
+  o2, s2 = gla_chunk_impl(sl(a["q"], cut, 90), sl(a["k"], cut, 90), sl(a["v"], cut, 90),
+                          sl(a["g"], cut, 90), initial_state=s1, output_final_state=True, **kw)
+  assert rel_err(o, jnp.concatenate([o1, o2], 1)) < 1e-5
+  assert rel_err(s, s2) < 1e-5
+
+
+def test_public_entry_points_default_interpret_and_no_state():
+  a = _inputs(6, 1, 20, 2, 16, 16, jnp.float32, "scalar", beta=True, normalize_k=True)
+  o, s = pallas_kernels.gla_chunk(a["q"], a["k"], a["v"], a["g"], chunk_size=16, interpret=True)
+  assert s is None
+  assert rel_err(R.gla(a["q"], a["k"], a["v"], a["g"])[0], o) < F32_TOL
+  # On a CPU backend without interpret=True the kernels still run (the plain interpreter).
+  o, s = pallas_kernels.delta_rule_chunk(a["q"], a["k"], a["v"], a["beta"], a["g"],
+                                         chunk_size=16, output_final_state=True)
+  ro, rs = R.delta_rule(a["q"], a["k"], a["v"], a["beta"], a["g"], output_final_state=True)
+  assert rel_err(ro, o) < F32_TOL and rel_err(rs, s) < F32_TOL
+
+
+# ------------------------------------------------------------------------------ delta rule
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_fp32_odd_length_headdim60(gated):
+  args = _inputs(7, 2, 45, 2, 60, 32, jnp.float32, "scalar" if gated else "none", beta=True,
+                 normalize_k=True)
+  _compare(*_delta_fns(16, "gpu"), args, F32_TOL, F32_TOL)
+
+
+def test_delta_bf16_tpu_structure():
+  args = _inputs(8, 1, 40, 2, 128, 64, jnp.bfloat16, "scalar", beta=True, normalize_k=True)
+  _compare(*_delta_fns(16, "tpu"), args, BF16_TOL, BF16_TOL)
+
+
+def test_delta_varlen_with_empty_sequence():
+  cu = np.array([0, 0, 25, 41], np.int32)
+  args = _inputs(9, 1, 41, 2, 32, 16, jnp.float32, "scalar", beta=True, normalize_k=True,
+                 n_states=3)
+  _compare(*_delta_fns(16, "gpu", cu_seqlens=cu), args, F32_TOL, F32_TOL)
+
+
+# ------------------------------------------------------------------------------ slow matrix
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("kind", ["none", "scalar", "channel"])
+@pytest.mark.parametrize("C", [16, 32, 64])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gla_matrix_slow(backend, kind, C, dtype):
+  dt = jnp.dtype(dtype)
+  args = _inputs(10, 2, 130, 2, 128 if dt == jnp.bfloat16 else 60, 64, dt, kind)
+  tol = F32_TOL if dt == jnp.float32 else BF16_TOL
+  _compare(*_gla_fns(C, backend), args, tol, tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("strength", ["normal", "strong"])
+@pytest.mark.parametrize("C", [16, 64])
+def test_delta_matrix_slow(backend, gated, strength, C):
+  args = _inputs(11, 1, 100, 2, 60, 60, jnp.float32, "scalar" if gated else "none",
+                 strength=strength, beta=True, normalize_k=True)
+  _compare(*_delta_fns(C, backend), args, F32_TOL, F32_TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["none", "scalar", "channel"])
+def test_gla_varlen_slow(kind):
+  cu = np.array([0, 5, 5, 70, 71, 140], np.int32)
+  args = _inputs(12, 1, 140, 2, 60, 32, jnp.float32, kind, n_states=5)
+  _compare(*_gla_fns(32, "tpu", cu_seqlens=cu), args, F32_TOL, F32_TOL)

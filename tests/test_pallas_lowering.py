@@ -1,0 +1,70 @@
+"""Every kernel lowers for TPU (Pallas Mosaic) and for CUDA (Pallas Triton) from this CPU host.
+
+`jax.export` of the jitted forward and of forward+backward. The Triton custom call carries no
+export compatibility guarantee, so the CUDA export disables that one serialization check;
+the Triton IR has been produced by then, so a kernel that cannot lower still fails here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels
+
+B, T, H, K, V = 2, 200, 2, 128, 128
+sd = lambda s, d=jnp.bfloat16: jax.ShapeDtypeStruct(s, d)
+
+
+def _export(fn, platform, *args):
+  checks = []
+  if platform == "cuda":
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exp = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
+  text = exp.mlir_module()
+  marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+  assert marker in text, f"no Pallas kernel in the {platform} export"
+  return exp
+
+
+def _fwd_bwd(op, n_diff):
+  def fwd(*a):
+    return op(*a)
+
+  def bwd(*a):
+    def loss(*a):
+      o, s = op(*a)
+      return o.astype(jnp.float32).sum() + s.sum()
+    return jax.grad(loss, tuple(range(n_diff)))(*a)
+  return fwd, bwd
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("kind", ["none", "scalar", "channel"])
+def test_gla_lowers(platform, kind):
+  g = {"none": None, "scalar": sd((B, T, H), jnp.float32),
+       "channel": sd((B, T, H, K), jnp.float32)}[kind]
+
+  def op(q, k, v, h0, g=None):
+    return pallas_kernels.gla_chunk(q, k, v, g, initial_state=h0, output_final_state=True)
+
+  args = [sd((B, T, H, K)), sd((B, T, H, K)), sd((B, T, H, V)), sd((B, H, K, V), jnp.float32)]
+  if g is not None:
+    args.append(g)
+  for fn in _fwd_bwd(op, len(args)):
+    _export(fn, platform, *args)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rule_lowers(platform, gated):
+  def op(q, k, v, beta, h0, g=None):
+    return pallas_kernels.delta_rule_chunk(q, k, v, beta, g, initial_state=h0,
+                                           output_final_state=True)
+
+  args = [sd((B, T, H, K)), sd((B, T, H, K)), sd((B, T, H, V)), sd((B, T, H), jnp.float32),
+          sd((B, H, K, V), jnp.float32)]
+  if gated:
+    args.append(sd((B, T, H), jnp.float32))
+  for fn in _fwd_bwd(op, len(args)):
+    _export(fn, platform, *args)
