@@ -18,7 +18,8 @@ def inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict | None = None,
              max_position_embeddings: int | None = None) -> np.ndarray:
   """Inverse frequencies [head_dim // 2] in float32, as transformers computes them."""
   exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-  freq = (np.float32(1.0) / (np.float32(rope_theta) ** exps)).astype(np.float32)
+  # pow in float64 rounded to float32 reproduces torch's float32 pow bit for bit
+  freq = np.float32(1.0) / (np.float64(rope_theta) ** exps.astype(np.float64)).astype(np.float32)
   rtype = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
   if rtype == "default":
     return freq

@@ -1,0 +1,97 @@
+"""The `linjax` command.
+
+  linjax convert SRC DST [--to linjax|hf] [--dtype bfloat16] [--max-shard-size 2GB]
+  linjax generate --model PATH --prompt "..." [--max-new-tokens 64 --temperature 0
+                  --top-p 1.0 --seed 0]
+  linjax train --config experiments/x.py:arg --workdir DIR     (forwards to linjax.train)
+  linjax eval ...                                               (forwards to linjax.eval.cli)
+
+SRC / --model: anything `linjax.from_pretrained` reads (HF dir, .gguf, state_dict file with a
+config.json beside it, linjax checkpoint dir). `convert` writes a linjax (orbax) checkpoint
+unless `--to hf` (or DST ending in "-hf" / "_hf").
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _convert(args):
+  from linjax.convert import from_pretrained, save_linjax, save_pretrained
+  t0 = time.time()
+  model, tok = from_pretrained(args.src, dtype=args.dtype)
+  to = args.to or ("hf" if args.dst.rstrip("/").endswith(("-hf", "_hf")) else "linjax")
+  if to == "hf":
+    save_pretrained(model, args.dst, tokenizer=tok, max_shard_size=args.max_shard_size)
+  else:
+    save_linjax(model, args.dst, tokenizer=tok)
+  print(f"wrote {to} checkpoint to {args.dst} in {time.time() - t0:.1f}s", file=sys.stderr)
+  return 0
+
+
+def _generate(args):
+  from linjax.convert import from_pretrained
+  from linjax.generate import generate_text
+  model, tok = from_pretrained(args.model, dtype=args.dtype)
+  if tok is None:
+    print(f"error: no tokenizer found with {args.model}", file=sys.stderr)
+    return 2
+  prompts = args.prompt
+  if args.chat and getattr(tok, "chat_template", None):
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True) for p in prompts]
+  for i, p in enumerate(prompts):
+    if len(prompts) > 1:
+      print(f"--- [{i}]", flush=True)
+    if args.echo:
+      sys.stdout.write(args.prompt[i])
+    generate_text(model, tok, p, stream=lambda _, s: (sys.stdout.write(s), sys.stdout.flush()),
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p, seed=args.seed)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+  return 0
+
+
+def _parser():
+  p = argparse.ArgumentParser(prog="linjax", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="cmd", required=True)
+  c = sub.add_parser("convert", help="convert a checkpoint (to linjax/orbax or to HF)")
+  c.add_argument("src")
+  c.add_argument("dst")
+  c.add_argument("--to", choices=("linjax", "hf"), default=None)
+  c.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
+  c.add_argument("--max-shard-size", default=None, help="HF export: e.g. 2GB")
+  g = sub.add_parser("generate", help="sample text, streamed to stdout")
+  g.add_argument("--model", required=True)
+  g.add_argument("--prompt", required=True, action="append")
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=0.0)
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--dtype", default=None)
+  g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+  g.add_argument("--echo", action="store_true", help="print the prompt first")
+  sub.add_parser("train", help="linjax.train (absl flags: --config, --workdir)", add_help=False)
+  sub.add_parser("eval", help="linjax.eval.cli", add_help=False)
+  return p
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "train":
+    from absl import app
+    from linjax.train.__main__ import main as train_main
+    app.run(train_main, argv=["linjax train"] + argv[1:])
+    return 0
+  if argv and argv[0] == "eval":
+    from linjax.eval.cli import main as eval_main
+    return eval_main(argv[1:])
+  args = _parser().parse_args(argv)
+  return {"convert": _convert, "generate": _generate}[args.cmd](args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
