@@ -332,8 +332,13 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
               mask=None):
   """`linjax.ops.attention`, sequence-parallel (LASP-2H) under a mesh with seq > 1.
 
-  Self-attention over the full sequence only (as many keys as queries, no extra `mask`, no
-  separate kv_segment_ids); anything else runs the plain op.
+  Self-attention over the whole sequence (as many keys as queries; no extra `mask`, no
+  separate `kv_segment_ids`); anything else runs the plain op. Full / long-window layers
+  all-gather K and V along seq. A causal window with window - 1 <= T / P takes only the
+  previous shard's last window - 1 tokens (one collective-permute); this assumes positions
+  grow along T inside a segment (true for every Llama batch, packed or not). Sinks with
+  default positions are the sequence's first tokens (a psum from shard 0); with explicit
+  positions (packed documents restart them) sink layers use the all-gather form.
   """
   ops = _ops()
   kw = dict(causal=causal, window=window, num_sinks=num_sinks, segment_ids=segment_ids,
@@ -351,68 +356,70 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
     _fallback_warn("attention", f"T={T} is not divisible by the seq axis ({P_})")
     return ops.attention(q, k, v, **kw)
   L = T // P_
-  Hkv, Dv = k.shape[2], v.shape[-1]
+  Hkv = k.shape[2]
   scale = D ** -0.5 if scale is None else scale
   b = _batch_axes(mesh, B)
   h = _head_axis(mesh, Hq, Hkv)
   tok, tok2 = P(b, SEQ, h, None), P(b, SEQ)
   positions = q_positions is not None
-  sliding = (causal and window is not None and window - 1 <= L and not positions
-             and num_sinks <= L)
+  sliding = (causal and window is not None and window - 1 <= L
+             and (num_sinks == 0 or (not positions and num_sinks <= L)))
+  perm = [(i, i + 1) for i in range(P_ - 1)]
+  same = v.dtype == k.dtype
 
-  def body(q, k, v, seg, qpos):
+  def pack(k, v):  # K and V travel in one collective when they share a dtype
+    return jnp.concatenate([k, v], axis=-1) if same else (k, v)
+
+  def unpack(x):
+    return (x[..., :D], x[..., D:]) if same else x
+
+  def body(q, k, v, seg, qpos, kpos):
     p = lax.axis_index(SEQ)
     Bl = q.shape[0]
     off = p * L
     if qpos is None:
-      qpos = jnp.broadcast_to(off + jnp.arange(L, dtype=jnp.int32), (Bl, L))
-    kv = jnp.concatenate([k, v.astype(k.dtype)], axis=-1) if v.dtype == k.dtype else None
+      qpos = kpos = jnp.broadcast_to(off + jnp.arange(L, dtype=jnp.int32), (Bl, L))
     if not sliding:
-      if kv is not None:
-        kv_all = lax.all_gather(kv, SEQ, axis=1, tiled=True)
-        k_all, v_all = kv_all[..., :D], kv_all[..., D:]
-      else:
-        k_all = lax.all_gather(k, SEQ, axis=1, tiled=True)
-        v_all = lax.all_gather(v, SEQ, axis=1, tiled=True)
-      kpos = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bl, T)) if not positions
-              else lax.all_gather(qpos, SEQ, axis=1, tiled=True))
+      k_all, v_all = unpack(jax.tree.map(lambda x: lax.all_gather(x, SEQ, axis=1, tiled=True),
+                                         pack(k, v)))
+      kpos_all = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bl, T)) if not positions
+                  else lax.all_gather(kpos, SEQ, axis=1, tiled=True))
       kseg = None if seg is None else lax.all_gather(seg, SEQ, axis=1, tiled=True)
       return ops.attention(q, k_all, v_all, causal=causal, window=window,
                            num_sinks=num_sinks, segment_ids=seg, kv_segment_ids=kseg,
-                           q_positions=qpos, kv_positions=kpos, scale=scale)
+                           q_positions=qpos, kv_positions=kpos_all, scale=scale)
     W1 = window - 1
     qseg = jnp.zeros((Bl, L), jnp.int32) if seg is None else seg
-    perm = [(i, i + 1) for i in range(P_ - 1)]
-    parts_k, parts_v, parts_pos, parts_seg = [], [], [], []
-    if num_sinks:
+    ks, vs, ps, ss = [], [], [], []
+    if num_sinks:  # default positions: the sinks are global tokens [0, num_sinks)
       ns = num_sinks
       first = p == 0
-      sk = lax.psum(jnp.where(first, k[:, :ns], 0), SEQ)
-      sv = lax.psum(jnp.where(first, v[:, :ns], 0), SEQ)
-      ss = lax.psum(jnp.where(first, qseg[:, :ns], 0), SEQ)
+      sk, sv = unpack(jax.tree.map(lambda x: lax.psum(jnp.where(first, x[:, :ns], 0), SEQ),
+                                   pack(k, v)))
+      sseg = lax.psum(jnp.where(first, qseg[:, :ns], 0), SEQ) if seg is not None else 0
       spos = jnp.broadcast_to(jnp.arange(ns, dtype=jnp.int32), (Bl, ns))
-      valid = spos < off - W1                              # not already in tail / local
-      parts_k.append(sk), parts_v.append(sv), parts_pos.append(spos)
-      parts_seg.append(jnp.where(valid, ss, -1))
+      fresh = spos < off - W1                     # not already among the tail / local keys
+      ks.append(sk), vs.append(sv), ps.append(spos), ss.append(jnp.where(fresh, sseg, -1))
     if W1:
-      tk = lax.ppermute(k[:, L - W1:], SEQ, perm)
-      tv = lax.ppermute(v[:, L - W1:], SEQ, perm)
-      ts = lax.ppermute(qseg[:, L - W1:], SEQ, perm)
-      tpos = jnp.broadcast_to(off - W1 + jnp.arange(W1, dtype=jnp.int32), (Bl, W1))
-      parts_k.append(tk), parts_v.append(tv), parts_pos.append(tpos)
-      parts_seg.append(jnp.where(p == 0, -1, ts))
-    parts_k.append(k), parts_v.append(v), parts_pos.append(qpos), parts_seg.append(qseg)
+      tk, tv = unpack(jax.tree.map(lambda x: lax.ppermute(x[:, L - W1:], SEQ, perm),
+                                   pack(k, v)))
+      tpos = (lax.ppermute(kpos[:, L - W1:], SEQ, perm) if positions else
+              jnp.broadcast_to(off - W1 + jnp.arange(W1, dtype=jnp.int32), (Bl, W1)))
+      tseg = (jnp.zeros((Bl, W1), jnp.int32) if seg is None
+              else lax.ppermute(qseg[:, L - W1:], SEQ, perm))
+      ks.append(tk), vs.append(tv), ps.append(tpos), ss.append(jnp.where(p == 0, -1, tseg))
+    ks.append(k), vs.append(v), ps.append(kpos), ss.append(qseg)
     cat = lambda xs: jnp.concatenate(xs, axis=1)
-    return ops.attention(q, cat(parts_k), cat(parts_v), causal=True, window=window,
-                         num_sinks=num_sinks, segment_ids=qseg, kv_segment_ids=cat(parts_seg),
-                         q_positions=qpos, kv_positions=cat(parts_pos), scale=scale)
+    return ops.attention(q, cat(ks), cat(vs), causal=True, window=window,
+                         num_sinks=num_sinks, segment_ids=qseg, kv_segment_ids=cat(ss),
+                         q_positions=qpos, kv_positions=cat(ps), scale=scale)
 
-  args = (q, k, v, segment_ids, q_positions)
-  specs = (tok, tok, tok, tok2, tok2)
+  args = (q, k, v, segment_ids, q_positions, kv_positions)
+  specs = (tok, tok, tok, tok2, tok2, tok2)
   present = [i for i, x in enumerate(args) if x is not None]
 
   def wrapped(*xs):
-    full = [None] * 5
+    full = [None] * len(args)
     for i, x in zip(present, xs):
       full[i] = x
     return body(*full)

@@ -1,0 +1,258 @@
+"""LASP-2 / LASP-2H on 8 fake CPU devices equal the single-device ops (values and gradients).
+
+Each test runs one subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=8 set before
+JAX starts) that bundles many checks into a few compiled programs. Inputs encode their
+position (a sinusoid of t on top of noise) so a misordered shard shows.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_parallel import run_worker  # noqa: E402
+
+TOL = 1e-5
+
+
+def test_lasp2_linear_families_meshes():
+  out = run_worker(__file__, "linear")
+  assert "LINEAR OK" in out, out
+
+
+def test_lasp2_varlen_across_shards():
+  out = run_worker(__file__, "varlen")
+  assert "VARLEN OK" in out, out
+
+
+def test_lasp2h_attention_and_hlo():
+  out = run_worker(__file__, "attention_hlo")
+  assert "ATTN OK" in out and "HLO OK" in out, out
+
+
+# ---------------------------------------------------------------- worker (subprocess) ---
+
+def _setup():
+  import jax
+  jax.config.update("jax_default_matmul_precision", "highest")
+  assert jax.device_count() == 8, jax.devices()
+
+
+def posenc(shape, seed, scale=1.0):
+  """Noise plus a sinusoid of the token position (axis 1)."""
+  import jax.numpy as jnp
+  import numpy as np
+  T = shape[1]
+  r = np.random.RandomState(seed).randn(*shape)
+  t = np.arange(T).reshape((1, T) + (1,) * (len(shape) - 2))
+  return jnp.asarray(scale * (0.5 * r + np.sin(0.05 * t + seed)), jnp.float32)
+
+
+def rel(a, b):
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape and np.isfinite(b).all()
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def _linear_inputs(B, T, H, K, V, N):
+  import jax
+  import jax.numpy as jnp
+  k = posenc((B, T, H, K), 2, .5)
+  return dict(
+      q=posenc((B, T, H, K), 1, .5), k=k, v=posenc((B, T, H, V), 3),
+      gh=-jax.nn.softplus(posenc((B, T, H), 4)) * 0.3,
+      gc=-jax.nn.softplus(posenc((B, T, H, K), 5)) * 0.3,
+      beta=jax.nn.sigmoid(posenc((B, T, H), 6)),
+      kn=k / jnp.linalg.norm(k, axis=-1, keepdims=True),
+      S0=posenc((N, H, K, V), 7))
+
+
+FAMILIES = ("linear", "scalar_gate", "channel_gate", "delta", "gated_delta")
+
+
+def _linear_losses(f, a, do, dS, **kw):
+  """Per family: sum(o * do) + sum(S_T * dS) (cotangents for every output), plus outputs."""
+  calls = {
+      "linear": lambda: f.gla(a["q"], a["k"], a["v"], None, **kw),
+      "scalar_gate": lambda: f.gla(a["q"], a["k"], a["v"], a["gh"], **kw),
+      "channel_gate": lambda: f.gla(a["q"], a["k"], a["v"], a["gc"], **kw),
+      "delta": lambda: f.delta_rule(a["q"], a["kn"], a["v"], a["beta"], None, **kw),
+      "gated_delta": lambda: f.delta_rule(a["q"], a["kn"], a["v"], a["beta"], a["gh"], **kw),
+  }
+  import jax.numpy as jnp
+  out = {}
+  for name in FAMILIES:
+    o, S = calls[name]()
+    out[name] = (jnp.sum(o * do) + jnp.sum(S * dS), o, S)
+  return out
+
+
+def _compare_linear(mesh, a, do, dS, kw, label):
+  import jax
+  from linjax import ops, parallel
+  from linjax.parallel import sequence as sp
+
+  def total(f):
+    def fn(a):
+      res = _linear_losses(f, a, do, dS, initial_state=a["S0"], output_final_state=True, **kw)
+      return sum(r[0] for r in res.values()), {n: r[1:] for n, r in res.items()}
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))
+
+  (_, ref), gref = total(ops)(a)
+  with parallel.use_mesh(mesh):
+    (_, got), ggot = total(sp)(a)
+  worst = 0.0
+  for n in FAMILIES:
+    for what, x, y in (("o", ref[n][0], got[n][0]), ("final_state", ref[n][1], got[n][1])):
+      e = rel(x, y)
+      worst = max(worst, e)
+      assert e <= TOL, f"{label} {n} {what}: rel err {e:.2e}"
+  for key in a:  # gradients of the bundled loss w.r.t. every input
+    e = rel(gref[key], ggot[key])
+    worst = max(worst, e)
+    assert e <= TOL, f"{label} grad {key}: rel err {e:.2e}"
+  print(f"{label}: worst rel err {worst:.1e}")
+
+
+def worker_linear():
+  _setup()
+  from linjax import parallel
+  B, T, H, K, V = 4, 32, 2, 8, 6
+  a = _linear_inputs(B, T, H, K, V, B)
+  do, dS = posenc((B, T, H, V), 11), posenc((B, H, K, V), 12)
+  for data, seq, tensor, method in ((4, 2, 1, "recurrent"), (2, 4, 1, "chunk"),
+                                    (1, 8, 1, "recurrent"), (2, 2, 2, "recurrent")):
+    mesh = parallel.make_mesh(data=data, seq=seq, tensor=tensor)
+    kw = dict(method=method) if method == "recurrent" else dict(method=method, chunk_size=4)
+    _compare_linear(mesh, a, do, dS, kw, f"data={data} seq={seq} tensor={tensor} {method}")
+  print("LINEAR OK")
+
+
+def worker_varlen():
+  _setup()
+  import jax.numpy as jnp
+  from linjax import parallel
+  T, H, K, V = 64, 2, 8, 6
+  # boundaries inside shards, on a shard start (48), an empty sequence, and (seq=8: shards
+  # of 8) a sequence (23..40) that runs through a whole shard.
+  cu = jnp.array([0, 5, 5, 23, 40, 48, 64], jnp.int32)
+  N = cu.shape[0] - 1
+  a = _linear_inputs(1, T, H, K, V, N)
+  do, dS = posenc((1, T, H, V), 11), posenc((N, H, K, V), 12)
+  for data, seq in ((2, 4), (1, 8)):
+    mesh = parallel.make_mesh(data=data, seq=seq)
+    _compare_linear(mesh, a, do, dS, dict(method="recurrent", cu_seqlens=cu),
+                    f"varlen data={data} seq={seq}")
+  print("VARLEN OK")
+
+
+def _collectives(txt):
+  import re
+  kinds = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
+  found = {k: [] for k in kinds}
+  for line in txt.splitlines():
+    for k in kinds:
+      m = re.search(rf"= (\S+) {k}(-start)?\(", line)
+      if m:
+        found[k].append(m.group(1))
+  return found
+
+
+def worker_attention_hlo():
+  _setup()
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from linjax import ops, parallel
+  from linjax.parallel import sequence as sp
+
+  B, T, Hq, Hkv, D = 2, 32, 4, 2, 8
+  a = dict(q=posenc((B, T, Hq, D), 1), k=posenc((B, T, Hkv, D), 2), v=posenc((B, T, Hkv, D), 3))
+  seg = jnp.asarray(np.repeat(np.array([[0] * 10 + [1] * 13 + [2] * 9]), B, 0), jnp.int32)
+  cases = {"causal": {}, "segments": dict(segment_ids=seg), "window5": dict(window=5),
+           "window4_sinks2": dict(window=4, num_sinks=2),
+           "window6_segments": dict(window=6, segment_ids=seg),
+           "window20_sink1": dict(window=20, num_sinks=1),
+           "bidirectional_segments": dict(causal=False, segment_ids=seg)}
+  # as the Llama mixers call it: explicit positions, restarting per packed document
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  starts = np.array([0, 10, 23])
+  ppos = jnp.asarray(np.repeat((np.arange(T) - starts[np.searchsorted(starts, np.arange(T),
+                                                                     "right") - 1])[None], B, 0))
+  cases.update({"positions_window5": dict(window=5, q_positions=pos, kv_positions=pos),
+                "positions_causal_sinks": dict(num_sinks=2, q_positions=pos, kv_positions=pos),
+                "packed_window3": dict(window=3, segment_ids=seg, q_positions=ppos,
+                                       kv_positions=ppos)})
+  plain = [n for n in cases if "positions" not in cases[n] and "q_positions" not in cases[n]]
+  do = posenc((B, T, Hq, D), 9)
+
+  def total(f):
+    def fn(a):
+      outs = {n: f.attention(a["q"], a["k"], a["v"], **kw) for n, kw in cases.items()}
+      return sum(jnp.sum(o * do) for o in outs.values()), outs
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))
+
+  (_, ref), gref = total(ops)(a)
+  for n in plain:  # the op itself against the token-by-token reference
+    kw = cases[n]
+    r = ops.reference.softmax_attention(a["q"], a["k"], a["v"], causal=kw.get("causal", True),
+                                        window=kw.get("window"),
+                                        num_sinks=kw.get("num_sinks", 0),
+                                        segment_ids=kw.get("segment_ids"))
+    assert rel(r, ref[n]) <= TOL, n
+  for data, seq in ((4, 2), (2, 4), (1, 8)):
+    mesh = parallel.make_mesh(data=data, seq=seq)
+    with parallel.use_mesh(mesh):
+      (_, got), ggot = total(sp)(a)
+    worst = 0.0
+    for n in cases:
+      e = rel(ref[n], got[n])
+      worst = max(worst, e)
+      assert e <= TOL, f"attention {n} data={data} seq={seq}: {e:.2e}"
+    for key in a:
+      e = rel(gref[key], ggot[key])
+      worst = max(worst, e)
+      assert e <= TOL, f"attention grad {key} data={data} seq={seq}: {e:.2e}"
+    print(f"attention data={data} seq={seq}: worst rel err {worst:.1e}")
+  print("ATTN OK")
+
+  # HLO: one linear layer's forward holds exactly one all-gather along seq, of a size that
+  # does not depend on T; a sliding window moves only a tail (collective-permute).
+  mesh = parallel.make_mesh(data=2, seq=4)
+  sh = NamedSharding(mesh, P("data", "seq"))
+
+  def hlo(fn, T, nargs=5):
+    H, K = 2, 16
+    x = jax.ShapeDtypeStruct((2, T, H, K), jnp.float32, sharding=sh)
+    b = jax.ShapeDtypeStruct((2, T, H), jnp.float32, sharding=sh)
+    with parallel.use_mesh(mesh):
+      return jax.jit(fn).lower(x, x, x, x, b).compile().as_text()
+
+  layers = {
+      "gla_channel_gate": lambda q, k, v, g, b: sp.gla(q, k, v, g, method="chunk")[0],
+      "gla_scalar_gate": lambda q, k, v, g, b: sp.gla(q, k, v, b, method="chunk")[0],
+      "delta_rule": lambda q, k, v, g, b: sp.delta_rule(q, k, v, jax.nn.sigmoid(b),
+                                                        method="chunk")[0],
+  }
+  for name, fn in layers.items():
+    sizes = []
+    for T in (256, 512):
+      c = _collectives(hlo(fn, T))
+      assert len(c["all-gather"]) == 1, (name, T, c)
+      assert not any(c[k] for k in c if k != "all-gather"), (name, T, c)
+      sizes.append(c["all-gather"][0])
+    assert sizes[0] == sizes[1], (name, sizes)
+    print(f"HLO {name}: one all-gather {sizes[0]} at T=256 and T=512")
+  c = _collectives(hlo(lambda q, k, v, g, b: sp.attention(q, k, v, window=8), 256))
+  assert c["collective-permute"] and not c["all-gather"], c
+  c2 = _collectives(hlo(lambda q, k, v, g, b: sp.attention(q, k, v), 256))
+  assert len(c2["all-gather"]) == 1, c2
+  print(f"HLO attention: sliding window {c['collective-permute']}, full {c2['all-gather']}")
+  print("HLO OK")
+
+
+if __name__ == "__main__":
+  globals()["worker_" + sys.argv[1]]()
