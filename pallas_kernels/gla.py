@@ -37,16 +37,22 @@ NEG_INF = float("-inf")
 
 # --------------------------------------------------------------------------- step math
 
+def _mm(a, b, dims):
+  # fp32 inputs: full precision (no TF32 on GPU), so fp32 results match the reference.
+  prec = lax.Precision.HIGHEST if a.dtype == f32 else None
+  return lax.dot_general(a, b, (dims, ((), ())), precision=prec, preferred_element_type=f32)
+
+
 def _dot(a, b):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+  return _mm(a, b, ((1,), (0,)))
 
 
 def _dot_tn(a, b):  # a^T b
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+  return _mm(a, b, ((0,), (0,)))
 
 
 def _dot_nt(a, b):  # a b^T
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+  return _mm(a, b, ((1,), (1,)))
 
 
 def _iota(shape, dim):

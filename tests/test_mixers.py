@@ -55,6 +55,11 @@ def make_mixer(name, kw, mode="chunk", seed=0):
   return m
 
 
+@nnx.jit
+def run(m, x, pos, seg=None, cache=None):
+  return m(x, positions=pos, segment_ids=seg, cache=cache)
+
+
 def inputs(B=2, T=37, seed=1):
   x = jax.random.normal(jax.random.PRNGKey(seed), (B, T, 48))
   pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -68,7 +73,7 @@ def test_modes_agree(name, kw, tol):
   outs = {}
   for mode in ("quadratic", "chunk", "recurrent"):
     m.mode = mode
-    outs[mode], c = m(x, positions=pos)
+    outs[mode], c = run(m, x, pos)
     assert c is None
   assert_rel(outs["recurrent"], outs["quadratic"], tol, f"{name} quadratic vs recurrent")
   assert_rel(outs["recurrent"], outs["chunk"], tol, f"{name} chunk vs recurrent")
@@ -78,12 +83,12 @@ def test_modes_agree(name, kw, tol):
 def test_prefill_then_decode(name, kw, tol):
   m = make_mixer(name, kw)
   x, pos = inputs(T=30)
-  full, _ = m(x, positions=pos)
+  full, _ = run(m, x, pos)
   cache = m.init_cache(2, 64)
-  y1, cache = m(x[:, :19], positions=pos[:, :19], cache=cache)
+  y1, cache = run(m, x[:, :19], pos[:, :19], None, cache)
   ys = [y1]
   for t in range(19, 30):
-    y, cache = m(x[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache)
+    y, cache = run(m, x[:, t:t + 1], pos[:, t:t + 1], None, cache)
     ys.append(y)
   assert_rel(full, jnp.concatenate(ys, 1), tol, f"{name} prefill+decode vs full")
 
@@ -92,7 +97,7 @@ def test_prefill_then_decode(name, kw, tol):
 def test_left_padding_and_segments(name, kw, tol):
   m = make_mixer(name, kw)
   x, pos = inputs(B=1, T=21)
-  ref, _ = m(x, positions=pos)
+  ref, _ = run(m, x, pos)
   # decode batch: row 1 is the same sequence left-padded by 5 garbage tokens (segment 0)
   pad = jax.random.normal(jax.random.PRNGKey(7), (1, 5, 48))
   xb = jnp.concatenate([jnp.concatenate([x, jnp.zeros((1, 5, 48))], 1),
@@ -101,18 +106,18 @@ def test_left_padding_and_segments(name, kw, tol):
   segb = jnp.stack([jnp.concatenate([jnp.ones(21, int), jnp.zeros(5, int)]),
                     jnp.concatenate([jnp.zeros(5, int), jnp.ones(21, int)])]).astype(jnp.int32)
   cache = m.init_cache(2, 64)
-  y, cache = m(xb, positions=posb, segment_ids=segb, cache=cache)
+  y, cache = run(m, xb, posb, segb, cache)
   assert_rel(ref[0], y[0, :21], tol, f"{name} right-padded row")
   assert_rel(ref[0], y[1, 5:], tol, f"{name} left-padded row")
   # packed documents in a full pass == separate passes
   x2, _ = inputs(B=1, T=13, seed=3)
-  ref2, _ = m(x2, positions=pos[:, :13])
+  ref2, _ = run(m, x2, pos[:, :13])
   xp = jnp.concatenate([x, x2], 1)
   pp = jnp.concatenate([pos, pos[:, :13]], 1)
   sp = jnp.concatenate([jnp.ones((1, 21), jnp.int32), 2 * jnp.ones((1, 13), jnp.int32)], 1)
   for mode in ("quadratic", "chunk"):
     m.mode = mode
-    yp, _ = m(xp, positions=pp, segment_ids=sp)
+    yp, _ = run(m, xp, pp, sp)
     assert_rel(ref, yp[:, :21], tol, f"{name} packed doc 1 ({mode})")
     assert_rel(ref2, yp[:, 21:], tol, f"{name} packed doc 2 ({mode})")
 
@@ -123,12 +128,13 @@ def test_llama_with_mixers_decodes_like_full_pass(name, kw):
   model = Llama(cfg, rngs=nnx.Rngs(0))
   perturb(model)
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 24), 0, 97)
-  full, _ = model(tokens)
+  fwd = nnx.jit(lambda m, t, c: m(t, cache=c))
+  full, _ = fwd(model, tokens, None)
   cache = model.init_cache(2, 32)
-  l1, cache = model(tokens[:, :16], cache=cache)
+  l1, cache = fwd(model, tokens[:, :16], cache)
   outs = [l1]
   for t in range(16, 24):
-    lt, cache = model(tokens[:, t:t + 1], cache=cache)
+    lt, cache = fwd(model, tokens[:, t:t + 1], cache)
     outs.append(lt)
   assert_rel(full, jnp.concatenate(outs, 1), 1e-4, f"llama[{name}] decode")
 

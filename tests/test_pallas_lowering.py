@@ -31,11 +31,11 @@ def _fwd_bwd(op, n_diff):
   def fwd(*a):
     return op(*a)
 
-  def bwd(*a):
+  def bwd(*a):  # value_and_grad: keeps the forward kernels alive in the export
     def loss(*a):
       o, s = op(*a)
       return o.astype(jnp.float32).sum() + s.sum()
-    return jax.grad(loss, tuple(range(n_diff)))(*a)
+    return jax.value_and_grad(loss, tuple(range(n_diff)))(*a)
   return fwd, bwd
 
 

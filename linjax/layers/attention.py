@@ -123,7 +123,7 @@ class LlamaAttention(nnx.Module):
     q, k, v = self.project_qkv(x, positions)
     if cache is None:
       o = self.attend(q, k, v, q_positions=positions, kv_positions=positions,
-                      segment_ids=segment_ids, kv_segment_ids=segment_ids)
+                      segment_ids=segment_ids)  # keys share the queries' segment ids
       return self.output(o), None
     if segment_ids is None:
       segment_ids = jnp.ones(positions.shape, jnp.int32)

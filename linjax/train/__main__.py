@@ -5,7 +5,7 @@ here, naming the field) and calls `linjax.train.train(config, workdir)`.
 """
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file[:arg]",
@@ -16,6 +16,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   from linjax.parallel import initialize
   initialize()
   from linjax.train.trainer import train

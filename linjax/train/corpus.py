@@ -77,26 +77,25 @@ def _module_docstrings(source: str) -> list[str]:
 
 def _collect_stdlib_docstrings() -> list[dict]:
   root = sysconfig.get_paths()["stdlib"]
-  docs = []
+  paths = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("test"))
-    for fn in sorted(filenames):
-      if not fn.endswith(".py") or fn.startswith("test_"):
-        continue
-      path = os.path.join(dirpath, fn)
-      try:
-        with open(path, encoding="utf-8") as f:
-          parts = _module_docstrings(f.read())
-      except (SyntaxError, UnicodeDecodeError, ValueError):
-        continue
-      if parts:
-        rel = os.path.relpath(path, root).replace(os.sep, "/")
-        docs.append({"id": f"stdlib:{rel}", "text": "\n\n".join(parts)})
+    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("test")]
+    paths += [os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
+              for fn in filenames if fn.endswith(".py") and not fn.startswith("test_")]
+  docs = []
+  for rel in sorted(paths):
+    try:
+      with open(os.path.join(root, rel), encoding="utf-8") as f:
+        parts = _module_docstrings(f.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    if parts:
+      docs.append({"id": f"stdlib:{rel}", "text": "\n\n".join(parts)})
   return docs
 
 
 def stdlib_split() -> list[dict]:
-  path = os.path.join(cache_dir(), f"corpus_v1_stdlib_docstrings_{python_tag()}.jsonl")
+  path = os.path.join(cache_dir(), f"corpus_v2_stdlib_docstrings_{python_tag()}.jsonl")
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       return [json.loads(line) for line in f]
@@ -132,7 +131,7 @@ def embedded_corpus_file(split: str = "train") -> str:
   """The split written as a jsonl file in the cache (what `datasets` loads and caches)."""
   if split not in SPLITS:
     raise ValueError(f"unknown embedded corpus split {split!r}; one of {SPLITS}")
-  path = os.path.join(cache_dir(), f"corpus_v1_{split}_{python_tag()}.jsonl")
+  path = os.path.join(cache_dir(), f"corpus_v2_{split}_{python_tag()}.jsonl")
   if not os.path.exists(path):
     write_jsonl(embedded_corpus(split), path)
   return path
