@@ -62,13 +62,13 @@ def make_inputs(op, B, T, H, D, seed=0):
   return q, k, v, g, beta
 
 
-def linjax_fns(op, impl):
+def linjax_fns(op, impl, C=64):
   """(fwd, fwd+bwd) closures over q, k, v, g, beta for the Pallas kernels or the jnp chunk."""
   if impl == "pallas":
     if op == "delta_rule":
-      call = lambda q, k, v, g, beta: pk.delta_rule_chunk(q, k, v, beta, None)[0]
+      call = lambda q, k, v, g, beta: pk.delta_rule_chunk(q, k, v, beta, None, chunk_size=C)[0]
     else:
-      call = lambda q, k, v, g, beta: pk.gla_chunk(q, k, v, g)[0]
+      call = lambda q, k, v, g, beta: pk.gla_chunk(q, k, v, g, chunk_size=C)[0]
   else:
     import linjax.ops as lops  # may not exist yet
     if op == "delta_rule":
@@ -137,6 +137,8 @@ def main():
   ap.add_argument("--no-fla", action="store_true")
   ap.add_argument("--no-jnp", action="store_true")
   ap.add_argument("--no-cudnn", action="store_true")
+  ap.add_argument("--jnp-ts", default="2048,16384", help="T values that also time the jnp chunk")
+  ap.add_argument("--gla-c32", action="store_true", help="also time Pallas GLA with chunk 32")
   ap.add_argument("--md", default=None, help="also write the table to this markdown file")
   a = ap.parse_args()
   B, H, D = a.B, a.H, a.D
@@ -155,6 +157,15 @@ def main():
          "cuDNN attn ms | pallas TFLOP/s | pallas GB/s |")
   print(hdr + "\n|" + "---|" * 10, flush=True)
   fmt = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x:.3f}")
+  jnp_ts = {int(t) for t in a.jnp_ts.split(",") if t}
+
+  def write_md():
+    if a.md:
+      with open(a.md, "w") as fh:
+        fh.write(f"# Chunkwise kernels, B={B} H={H} D={D} bf16, causal\n\n{head}\n\n")
+        fh.write(hdr + "\n|" + "---|" * 10 + "\n" + "\n".join(rows) + "\n")
+
+  ops = a.ops.split(",") + (["gla@C32"] if a.gla_c32 else [])
   for T in [int(t) for t in a.ts.split(",")]:
     attn = {}
     if not a.no_cudnn:
@@ -168,19 +179,21 @@ def main():
         attn["fwd+bwd"] = time_jax(fb, q, k, v)
       except Exception as e:  # noqa: BLE001
         attn = {"fwd": f"err {type(e).__name__}", "fwd+bwd": f"err {type(e).__name__}"}
-    for op in a.ops.split(","):
+    for op_name in ops:
+      op, C = (op_name.split("@C")[0], int(op_name.split("@C")[1])) if "@C" in op_name else (
+          op_name, 64)
       q, k, v, g, beta = make_inputs(op, B, T, H, D)
       res = {}
       for impl in ["pallas", "jnp"]:
-        if impl == "jnp" and a.no_jnp:
+        if impl == "jnp" and (a.no_jnp or T not in jnp_ts or C != 64):
           continue
         try:
-          f, fb = linjax_fns(op, impl)
+          f, fb = linjax_fns(op, impl, C)
           res[(impl, "fwd")] = time_jax(f, q, k, v, g, beta)
           res[(impl, "fwd+bwd")] = time_jax(fb, q, k, v, g, beta)
         except Exception as e:  # noqa: BLE001
           res[(impl, "fwd")] = res[(impl, "fwd+bwd")] = f"err {type(e).__name__}: {str(e)[:80]}"
-      if not a.no_fla:
+      if not a.no_fla and C == 64:
         try:
           torch, f, fb = fla_fns(op)
           tq, tk, tv = (to_torch(torch, x, True) for x in (q, k, v))
@@ -202,15 +215,12 @@ def main():
         if isinstance(pl_ms, float):
           tf = fl * mult / (pl_ms * 1e-3) / 1e12
           gb = by * mult / (pl_ms * 1e-3) / 1e9
-        row = (f"| {op} | {T} | {p} | {fmt(pl_ms)} | {fmt(res.get(('jnp', p)))} | "
+        row = (f"| {op_name} | {T} | {p} | {fmt(pl_ms)} | {fmt(res.get(('jnp', p)))} | "
                f"{fmt(fla_ms)} | {fmt(ratio)} | {fmt(attn.get(p))} | {fmt(tf)} | "
                f"{'-' if gb is None else f'{gb:.0f}'} |")
         rows.append(row)
         print(row, flush=True)
-  if a.md:
-    with open(a.md, "w") as fh:
-      fh.write(f"# Chunkwise kernels, B={B} H={H} D={D} bf16, causal\n\n{head}\n\n")
-      fh.write(hdr + "\n|" + "---|" * 10 + "\n" + "\n".join(rows) + "\n")
+        write_md()
 
 
 if __name__ == "__main__":

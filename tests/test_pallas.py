@@ -181,6 +181,7 @@ def test_delta_bf16_tpu_structure():
   _compare(*_delta_fns(16, "tpu", interpret=NAN_CHECK), args, BF16_TOL, BF16_TOL)
 
 
+@pytest.mark.slow
 def test_delta_varlen_with_empty_sequence():
   cu = np.array([0, 0, 25, 41], np.int32)
   args = _inputs(9, 1, 41, 2, 32, 16, jnp.float32, "scalar", beta=True, normalize_k=True,

@@ -223,36 +223,38 @@ def save_pretrained(model: Llama, out_dir, *, tokenizer=None, max_shard_size=Non
   `UnsupportedExportError`: transformers cannot run them (use `save_linjax`).
   max_shard_size: bytes or "10MB" etc.; shards are written with an index json.
   """
-  from safetensors.numpy import save_file
-  import ml_dtypes  # noqa: F401  (numpy bfloat16)
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   limit = _parse_size(max_shard_size)
-  shards, cur, cur_size = [], {}, 0
-  fmt_bf16 = False
+  # Shards are written as soon as they fill (host memory ~ one shard), then renamed.
+  written, cur, cur_size = [], {}, 0
+
+  def flush():
+    tmp = os.path.join(out_dir, f".shard-{len(written):05d}.tmp")
+    _save_tensors(cur, tmp)
+    written.append((tmp, {k: v.nbytes for k, v in cur.items()}))
+
   for name, x in hf_state_dict(model, dtype):
-    if x.dtype.name == "bfloat16":
-      fmt_bf16 = True
     if limit and cur and cur_size + x.nbytes > limit:
-      shards.append(cur)
+      flush()
       cur, cur_size = {}, 0
     cur[name] = x
     cur_size += x.nbytes
-  shards.append(cur)
-  if fmt_bf16:
-    save = _save_bf16
-  else:
-    save = lambda d, f: save_file(d, f, metadata={"format": "pt"})
-  if len(shards) == 1:
-    save(shards[0], os.path.join(out_dir, "model.safetensors"))
+  flush()
+  cur = None
+  for f in os.listdir(out_dir):  # stale weights from an earlier export would shadow ours
+    if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
+      os.remove(os.path.join(out_dir, f))
+  if len(written) == 1:
+    os.replace(written[0][0], os.path.join(out_dir, "model.safetensors"))
   else:
     weight_map, total = {}, 0
-    for i, sh in enumerate(shards):
-      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save(sh, os.path.join(out_dir, fname))
-      for k, v in sh.items():
+    for i, (tmp, sizes) in enumerate(written):
+      fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+      os.replace(tmp, os.path.join(out_dir, fname))
+      for k, n in sizes.items():
         weight_map[k] = fname
-        total += v.nbytes
+        total += n
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   cfg = model.config.to_hf()
@@ -265,9 +267,13 @@ def save_pretrained(model: Llama, out_dir, *, tokenizer=None, max_shard_size=Non
   return out_dir
 
 
-def _save_bf16(d, fname):
-  from safetensors.flax import save_file
-  save_file({k: jnp.asarray(v) for k, v in d.items()}, fname, metadata={"format": "pt"})
+def _save_tensors(d, fname):
+  if any(v.dtype.name == "bfloat16" for v in d.values()):
+    from safetensors.flax import save_file  # numpy has no bfloat16 in safetensors.numpy
+    save_file({k: jnp.asarray(v) for k, v in d.items()}, fname, metadata={"format": "pt"})
+  else:
+    from safetensors.numpy import save_file
+    save_file(d, fname, metadata={"format": "pt"})
 
 
 # --- linjax checkpoints (orbax) ---------------------------------------------------------

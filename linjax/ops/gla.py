@@ -332,6 +332,7 @@ def _intra_per_channel(q, k, g, C):
   k_off = k.astype(F32)[..., None, :, :] * masked_exp(r, before)    # [.., m, C, K]
   off = dot("...ask,...ajk->...asj", q_off.astype(q.dtype), k_off.astype(q.dtype))
   off = off.reshape(lead + (m, s, m, s))
-  eye = jnp.eye(m, dtype=F32)[:, None, :, None]
-  A = off + diag[..., :, :, None, :] * eye
+  # (`off + diag * eye` crashes XLA:CPU's compiler in the backward for m = 2; `where` does not.)
+  same = jnp.arange(m)[:, None, None, None] == jnp.arange(m)[None, None, :, None]
+  A = jnp.where(same, jnp.broadcast_to(diag[..., :, :, None, :], off.shape), off)
   return A.reshape(lead + (C, C))

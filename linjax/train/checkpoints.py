@@ -56,7 +56,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        "model": ocp.StandardCheckpointHandler(),
+        "optimizer": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -82,6 +85,13 @@ class Checkpointer:
     nnx.replace_by_pure_dict(model_state, from_saved(out["model"], mp))
     nnx.replace_by_pure_dict(opt_state, from_saved(out["optimizer"], op))
     return model_state, opt_state, dict(out["meta"])
+
+  def saved_keys(self, step: int, item: str = "model") -> list[str]:
+    """Dotted paths of the arrays saved in `item` of checkpoint `step` (from its metadata)."""
+    tree = self.manager.item_metadata(step)[item]
+    flat = jax.tree_util.tree_flatten_with_path(
+        dict(tree), is_leaf=lambda x: not isinstance(x, dict))[0]
+    return [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in flat]
 
   def read_meta(self, step: int) -> dict:
     out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -151,10 +151,6 @@ def load_data(cfg, tokenizer):
 # ---------------------------------------------------------------------------------------------
 # Steps
 
-def _tree_add(a, b):
-  return jax.tree.map(jnp.add, a, b)
-
-
 def make_train_step(graphdef, wrt, cfg, schedule, state_sh, batch_sh):
   loss_kw = {k: v for k, v in cfg.loss.to_dict().items() if k != "name"}
   loss_impl = losses_lib.get_loss(cfg.loss.name)
@@ -182,17 +178,23 @@ def make_train_step(graphdef, wrt, cfg, schedule, state_sh, batch_sh):
       mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
                          .swapaxes(0, 1), batch)
 
+      # Micro-batch gradients are weighted by their token counts (when the loss reports
+      # "tokens"), so the update equals the one of the whole batch at once.
       def body(carry, xs):
-        g_acc, l_acc, rest = carry
+        g_acc, l_acc, w_acc, rest = carry
         mb, i = xs
         (l, (met, rest)), g = grad_fn(params, rest, mb, jax.random.fold_in(rng, i))
-        return (_tree_add(g_acc, g), l_acc + l, rest), met
+        w = met["tokens"].astype(jnp.float32) if "tokens" in met else jnp.float32(1.0)
+        g_acc = jax.tree.map(lambda a, b: a + w * b, g_acc, g)
+        return (g_acc, l_acc + w * l, w_acc + w, rest), met
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, loss, rest), mets = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32), rest), (mbs, jnp.arange(accum)))
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
+      z = jnp.zeros((), jnp.float32)
+      (grads, loss, wsum, rest), mets = jax.lax.scan(
+          body, (zeros, z, z, rest), (mbs, jnp.arange(accum)))
+      wsum = jnp.maximum(wsum, 1e-9)
+      grads = jax.tree.map(lambda g: g / wsum, grads)
+      loss = loss / wsum
       met = {k: (v.sum() if k == "tokens" else v.mean()) for k, v in mets.items()}
     nnx.update(model, rest)
     extra = {"value": loss} if plateau else {}

@@ -1,0 +1,189 @@
+"""Linearization recipes as plain functions (the demo, `linjax.linearize.run` and tests call
+them; the trainer reaches the same losses through `linjax.linearize.losses`).
+
+  attention_transfer(model, batches, ...)   LoLCATs stage 1 / Hedgehog: only FeatureMapParams
+      train; every linearized layer sees the teacher's hidden states (its mixer returns the
+      softmax output in distill mode) and contributes one loss: "mse" between the softmax and
+      linear head outputs before o_proj (LoLCATs), or "xent" between attention weights
+      (Hedgehog). Each layer's loss is checkpointed, so no T x T tensor is kept across layers.
+  finetune(model, batches, trainable=...)   next-token cross-entropy on a parameter subset
+      (LoRAParam for LoLCATs stage 2 / Liger, nnx.Param for SUPRA's full uptraining).
+  token_batches(tokenizer, ...)             [B, T] rows from the embedded corpus' train split.
+  quick_eval(student, teacher, tokens)      held-out perplexity and top-1 agreement.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from linjax.layers.params import FeatureMapParam, LoRAParam
+from linjax.linearize import set_distill, set_mode
+
+
+def _progress(it, total, desc, enabled):
+  if not enabled:
+    return it
+  from tqdm.auto import tqdm
+  return tqdm(it, total=total, desc=desc, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------
+
+def token_stream(tokenizer, n_tokens: int, *, split: str = "train", seed: int = 0,
+                 skip_tokens: int = 0) -> np.ndarray:
+  """At least `n_tokens` tokens of shuffled embedded-corpus documents joined by EOS."""
+  from linjax.train.corpus import embedded_corpus
+  docs = embedded_corpus(split)
+  order = np.random.default_rng(seed).permutation(len(docs))
+  eos = getattr(tokenizer, "eos_token_id", None)
+  out, need = [], n_tokens + skip_tokens
+  for i in order:
+    ids = tokenizer(docs[i]["text"], add_special_tokens=False)["input_ids"]
+    out.extend(ids)
+    if eos is not None:
+      out.append(int(eos))
+    if len(out) >= need:
+      break
+  arr = np.asarray(out, np.int32)[skip_tokens:need]
+  if len(arr) < n_tokens:
+    raise ValueError(f"corpus split {split!r} has only {len(arr)} tokens, need {n_tokens}")
+  return arr
+
+
+def token_batches(tokenizer, *, steps: int, batch_size: int, seq_len: int, seed: int = 0,
+                  skip_tokens: int = 0) -> np.ndarray:
+  """[steps, batch_size, seq_len] int32 rows of training text."""
+  n = steps * batch_size * seq_len
+  return token_stream(tokenizer, n, seed=seed, skip_tokens=skip_tokens).reshape(
+      steps, batch_size, seq_len)
+
+
+# ----------------------------------------------------------------------------------------
+# stage 1: attention transfer
+# ----------------------------------------------------------------------------------------
+
+def transfer_losses(model, tokens, positions=None, segment_ids=None):
+  """Mean of the per-layer attention-transfer losses of a model in distill mode."""
+  model(tokens, positions=positions, segment_ids=segment_ids)
+  inter = nnx.pop(model, nnx.Intermediate)
+  leaves = jax.tree.leaves(inter)
+  if not leaves:
+    raise ValueError("no layer sowed a transfer loss: call set_distill(model, kind) first "
+                     "and linearize some layers with a mixer that supports distillation")
+  return jnp.stack([jnp.asarray(l, jnp.float32).reshape(()) for l in leaves])
+
+
+def attention_transfer(model, batches, *, lr: float = 1e-2, kind: str = "mse",
+                       loss_scale: float = 1000.0, time_budget: float | None = None,
+                       progress: bool = True, log_every: int = 10, log=print):
+  """Train only the FeatureMapParams with per-layer transfer losses. Returns a history dict."""
+  set_distill(model, kind)
+  set_mode(model, "quadratic")
+  opt = nnx.Optimizer(model, optax.adam(lr), wrt=FeatureMapParam)
+
+  @nnx.jit
+  def step(model, opt, tokens):
+    def loss_fn(model):
+      losses = transfer_losses(model, tokens)
+      return loss_scale * losses.mean(), losses
+    (loss, per_layer), grads = nnx.value_and_grad(
+        loss_fn, argnums=nnx.DiffState(0, FeatureMapParam), has_aux=True)(model)
+    opt.update(model, grads)
+    return loss, per_layer
+
+  hist = {"loss": [], "tokens": 0, "steps": 0, "seconds": 0.0}
+  t0 = time.time()
+  it = _progress(range(len(batches)), len(batches), f"attention transfer ({kind})", progress)
+  for i in it:
+    loss, _ = step(model, opt, jnp.asarray(batches[i]))
+    loss = float(loss)
+    hist["loss"].append(loss)
+    hist["tokens"] += int(np.prod(batches[i].shape))
+    hist["steps"] += 1
+    if progress and hasattr(it, "set_postfix"):
+      it.set_postfix(loss=f"{loss:.4g}")
+    elif log and (i % log_every == 0):
+      log(f"  step {i}: transfer loss {loss:.4g}")
+    if time_budget is not None and time.time() - t0 > time_budget:
+      break
+  hist["seconds"] = time.time() - t0
+  set_distill(model, None)
+  set_mode(model, "chunk")
+  return hist
+
+
+# ----------------------------------------------------------------------------------------
+# stage 2 / Liger / SUPRA: cross-entropy fine-tuning
+# ----------------------------------------------------------------------------------------
+
+def lm_loss(model, tokens):
+  logits, _ = model(tokens)
+  logits = logits[:, :-1].astype(jnp.float32)
+  tgt = tokens[:, 1:]
+  logz = jax.nn.logsumexp(logits, -1)
+  ll = jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
+  return (logz - ll).mean()
+
+
+def finetune(model, batches, *, lr: float = 1e-3, trainable=LoRAParam, warmup: int = 0,
+             weight_decay: float = 0.0, time_budget: float | None = None,
+             progress: bool = True, log_every: int = 10, log=print, mode: str = "chunk"):
+  """Next-token cross-entropy on the `trainable` parameters. Returns a history dict."""
+  set_distill(model, None)
+  set_mode(model, mode)
+  n = len(batches)
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(n, warmup + 2), lr * 0.1) \
+      if warmup else optax.cosine_decay_schedule(lr, max(n, 1), 0.1)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
+  opt = nnx.Optimizer(model, tx, wrt=trainable)
+
+  @nnx.jit
+  def step(model, opt, tokens):
+    loss, grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, trainable))(model, tokens)
+    opt.update(model, grads)
+    return loss
+
+  hist = {"loss": [], "tokens": 0, "steps": 0, "seconds": 0.0}
+  t0 = time.time()
+  it = _progress(range(n), n, "fine-tune (cross-entropy)", progress)
+  for i in it:
+    loss = float(step(model, opt, jnp.asarray(batches[i])))
+    hist["loss"].append(loss)
+    hist["tokens"] += int(np.prod(batches[i].shape))
+    hist["steps"] += 1
+    if progress and hasattr(it, "set_postfix"):
+      it.set_postfix(loss=f"{loss:.3f}")
+    elif log and (i % log_every == 0):
+      log(f"  step {i}: ce {loss:.4f}")
+    if time_budget is not None and time.time() - t0 > time_budget:
+      break
+  hist["seconds"] = time.time() - t0
+  return hist
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------
+
+def heldout(tokenizer, windows: int = 6, seq_len: int = 512) -> np.ndarray:
+  """The fixed held-out tokens (DESIGN.md: pydoc text, 6 x 512)."""
+  from linjax.eval.suite import heldout_tokens
+  return heldout_tokens(tokenizer, windows * seq_len)
+
+
+def quick_eval(model, teacher, tokens, *, seq_len: int = 512, batch_size: int = 2):
+  """{"ppl", "top1"} of `model` on held-out `tokens` (top-1 vs `teacher`; None if no teacher)."""
+  from linjax.eval.metrics import perplexity, top1_agreement
+  ppl = float(perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size))
+  top1 = None
+  if teacher is not None and teacher is not model:
+    top1 = float(top1_agreement(model, teacher, tokens.reshape(-1, seq_len),
+                                seq_len=seq_len, batch_size=batch_size))
+  return {"ppl": ppl, "top1": top1}

@@ -1,0 +1,183 @@
+"""linjax.ops.delta_rule: every method against the token-by-token reference, values and
+gradients (q, k, v, beta, g, initial state), DeltaNet and gated DeltaNet, beta up to 2."""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linjax import ops
+from linjax.ops import reference
+from tests.helpers import assert_rel, load_fla_naive, rel_err
+from tests.ops_util import BF16_TOL, F32, FP32_TOL, case, compare, make_inputs, run_with_grads
+
+METHODS = ("recurrent", "parallel", "chunk", "assoc_scan")
+GATES = (None, "head")
+
+
+def check(method, B, T, H, K, V, gate, strength, chunk_size=64, dtype="float32", seed=0):
+  inputs, (do, dS), ref = case("delta_rule", seed, B, T, H, K, V, gate, strength, dtype)
+  fn = functools.partial(ops.delta_rule, method=method, chunk_size=chunk_size)
+  out = run_with_grads(fn, inputs, do, dS)
+  tol = FP32_TOL if dtype == "float32" else BF16_TOL
+  return compare(ref, out, tol, ("delta_rule", method, dtype))
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_match_reference(method, gate):
+  check(method, 2, 75, 2, 60, 36, gate, "mixed", chunk_size=32)
+
+
+MATRIX = [
+    # method, T, K, chunk, gate, strength
+    ("chunk", 1, 60, 16, "head", "weak"),
+    ("assoc_scan", 1, 128, 64, None, "mixed"),
+    ("chunk", 63, 128, 64, "head", "strong"),
+    ("assoc_scan", 63, 60, 16, "head", "weak"),
+    ("chunk", 500, 60, 16, None, "mixed"),
+    ("chunk", 500, 128, 64, "head", "mixed"),
+    ("assoc_scan", 500, 60, 32, "head", "strong"),
+    ("parallel", 500, 60, 64, "head", "weak"),
+]
+
+
+@pytest.mark.parametrize("method,T,K,chunk,gate,strength", MATRIX)
+def test_matrix(method, T, K, chunk, gate, strength):
+  check(method, 1, T, 2, K, 32, gate, strength, chunk_size=chunk)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,T,K,chunk,gate,strength", [
+    c for c in itertools.product(METHODS, (1, 63, 75, 500), (60, 128), (16, 32, 64), GATES,
+                                 ("weak", "strong"))
+    if c[0] in ("chunk", "assoc_scan") or c[3] == 64])
+def test_matrix_full(method, T, K, chunk, gate, strength):
+  check(method, 1, T, 2, K, 32, gate, strength, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("method,gate", [("chunk", "head"), ("assoc_scan", None)])
+def test_bf16_inputs(method, gate):
+  inputs, (do, dS), ref = case("delta_rule", 3, 1, 75, 2, 64, 32, gate, "mixed", "bfloat16")
+  out = run_with_grads(functools.partial(ops.delta_rule, method=method, chunk_size=32),
+                       inputs, do, dS)
+  assert out[0].dtype == jnp.bfloat16 and out[1].dtype == F32
+  compare(ref, out, BF16_TOL, ("delta_rule", method, "bfloat16"))
+
+
+def test_long_bf16_strong_gates():
+  """T = 32768, bf16 inputs, log decay down to -10 per step: finite, within 2e-2 of fp32."""
+  T, H, K, V = 32768, 1, 16, 16
+  inp = make_inputs(7, 1, T, H, K, V, gate="head", strength="strong", delta=True)
+  ref = jax.jit(functools.partial(reference.delta_rule, output_final_state=True))
+  ref_o, ref_S = ref(**inp)
+  bf = {n: (x.astype(jnp.bfloat16) if n in ("q", "k", "v", "beta") else x)
+        for n, x in inp.items()}
+  o, S = jax.jit(functools.partial(ops.delta_rule, method="chunk", output_final_state=True))(**bf)
+  assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(S)).all()
+  assert_rel(ref_o, o, BF16_TOL, "o vs fp32 ref")
+  assert_rel(ref_S, S, BF16_TOL, "final state vs fp32 ref")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_varlen_with_empty_sequence(method):
+  cu = jnp.array([0, 13, 13, 50, 75], jnp.int32)
+  N, T, H, K, V = 4, 75, 2, 60, 36
+  inp = make_inputs(11, 1, T, H, K, V, gate="head", strength="mixed", delta=True, h0=False)
+  inp["initial_state"] = jax.random.normal(jax.random.PRNGKey(5), (N, H, K, V), F32)
+  do = jax.random.normal(jax.random.PRNGKey(6), (1, T, H, V), F32)
+  dS = jax.random.normal(jax.random.PRNGKey(7), (N, H, K, V), F32)
+  ref = run_with_grads(functools.partial(reference.delta_rule, cu_seqlens=cu), inp, do, dS)
+  out = run_with_grads(functools.partial(ops.delta_rule, cu_seqlens=cu, method=method,
+                                         chunk_size=16), inp, do, dS)
+  compare(ref, out, FP32_TOL, ("delta_rule", method, "varlen"))
+  np.testing.assert_array_equal(np.asarray(out[1][1]), np.asarray(inp["initial_state"][1]))
+
+
+@pytest.mark.parametrize("method,gate", [("chunk", "head"), ("assoc_scan", None)])
+def test_split_and_resume(method, gate):
+  inp = make_inputs(13, 2, 75, 2, 60, 36, gate=gate, strength="mixed", delta=True)
+  f = functools.partial(ops.delta_rule, method=method, chunk_size=16, output_final_state=True)
+  o, S = f(**inp)
+  cut = 41
+  part = lambda sl: {n: (None if inp[n] is None else inp[n][:, sl])
+                     for n in ("q", "k", "v", "beta", "g")}
+  o1, S1 = f(**part(slice(0, cut)), initial_state=inp["initial_state"])
+  o2, S2 = f(**part(slice(cut, None)), initial_state=S1)
+  assert rel_err(o, jnp.concatenate([o1, o2], 1)) < FP32_TOL
+  assert rel_err(S, S2) < FP32_TOL
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_step_matches_full_op(gate):
+  T = 9
+  inp = make_inputs(17, 2, T, 2, 12, 8, gate=gate, delta=True)
+  o, S = ops.delta_rule(**inp, output_final_state=True, method="chunk", chunk_size=16)
+  step = jax.jit(ops.delta_rule_step)
+  state, outs = inp["initial_state"], []
+  for t in range(T):
+    g = None if inp["g"] is None else inp["g"][:, t]
+    ot, state = step(state, inp["q"][:, t], inp["k"][:, t], inp["v"][:, t], inp["beta"][:, t], g)
+    outs.append(ot)
+  assert rel_err(o, jnp.stack(outs, 1)) < FP32_TOL
+  assert rel_err(S, state) < FP32_TOL
+  g = None if inp["g"] is None else inp["g"][:, :1]
+  o1, _ = ops.delta_rule_step(inp["initial_state"], inp["q"][:, :1], inp["k"][:, :1],
+                              inp["v"][:, :1], inp["beta"][:, :1], g)
+  assert o1.shape == (2, 1, 2, 8) and rel_err(o[:, :1], o1) < FP32_TOL
+
+
+def test_fla_naive_delta_rule_and_gated():
+  torch = pytest.importorskip("torch")
+  fla_delta, fla_gated = load_fla_naive("delta_rule"), load_fla_naive("gated_delta_rule")
+  if fla_delta is None or fla_gated is None:
+    pytest.skip("fla-core is not installed")
+  t = lambda x: torch.from_numpy(np.asarray(x, np.float32))
+  bhtd = lambda x: t(x).transpose(1, 2)            # delta_rule_recurrence takes [B, H, T, D]
+  inp = make_inputs(23, 2, 63, 2, 60, 36, delta=True)
+  o_ref, S_ref = fla_delta.delta_rule_recurrence(
+      bhtd(inp["q"]), bhtd(inp["k"]), bhtd(inp["v"]), t(inp["beta"]).transpose(1, 2),
+      initial_state=t(inp["initial_state"]), output_final_state=True)
+  o_ref = o_ref.transpose(1, 2).numpy()
+  for method in METHODS:
+    o, S = ops.delta_rule(**inp, output_final_state=True, method=method, chunk_size=16)
+    assert rel_err(o_ref, o) < FP32_TOL and rel_err(S_ref.numpy(), S) < FP32_TOL, method
+  inp = make_inputs(29, 2, 63, 2, 60, 36, gate="head", strength="mixed", delta=True)
+  o_ref, S_ref = fla_gated.naive_recurrent_gated_delta_rule(
+      t(inp["q"]), t(inp["k"]), t(inp["v"]), t(inp["beta"]), t(inp["g"]), scale=0.3,
+      initial_state=t(inp["initial_state"]), output_final_state=True)
+  for method in METHODS:
+    o, S = ops.delta_rule(**inp, scale=0.3, output_final_state=True, method=method, chunk_size=32)
+    assert rel_err(o_ref.numpy(), o) < FP32_TOL and rel_err(S_ref.numpy(), S) < FP32_TOL, method
+
+
+def test_auto_and_pallas_dispatch():
+  inp = make_inputs(31, 1, 20, 1, 8, 8, gate="head", delta=True, h0=False)
+  o_auto, _ = ops.delta_rule(**inp)
+  o_chunk, _ = ops.delta_rule(**inp, method="chunk")
+  np.testing.assert_array_equal(np.asarray(o_auto), np.asarray(o_chunk))
+  try:
+    o_pallas, _ = ops.delta_rule(**inp, method="pallas", chunk_size=16)
+  except NotImplementedError as e:
+    assert "delta_rule_chunk" in str(e)
+  else:
+    assert rel_err(o_chunk, o_pallas) < FP32_TOL
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(beta=jnp.zeros((2, 5, 4))), r"`beta` must have shape \[B, T, H\]"),
+    (dict(beta=jnp.zeros((2, 5, 3), jnp.int32)), r"`beta` must be a floating"),
+    (dict(g=jnp.zeros((2, 5, 3, 8))), r"`g` for delta_rule must have shape \[B, T, H\]"),
+    (dict(k=jnp.zeros((2, 5, 3, 7))), r"`k` must have shape \[B, T, H, K\]"),
+    (dict(initial_state=jnp.zeros((2, 3, 4, 8))), r"`initial_state` must have shape"),
+])
+def test_errors_name_the_argument(bad, match):
+  args = dict(q=jnp.zeros((2, 5, 3, 8)), k=jnp.zeros((2, 5, 3, 8)), v=jnp.zeros((2, 5, 3, 4)),
+              beta=jnp.zeros((2, 5, 3)))
+  args.update(bad)
+  with pytest.raises(ValueError, match=match):
+    ops.delta_rule(**args)
