@@ -121,7 +121,7 @@ def to_torch(torch, x, grad):
 
 
 def model_cost(op, B, T, H, D, C=64):
-  fl = B * H * T * (4 * D * D + 2 * C * 2 * D)
+  fl = B * H * T * (4 * D * D + 2 * C * 2 * D)  # C: chunk size
   gate = {"linear": 0, "simple_gla": 4, "gla": 4 * D, "delta_rule": 4}[op]
   by = B * T * H * (4 * D * 2 + gate) + 2 * B * H * (T // C) * D * D * 2
   return fl, by
@@ -152,75 +152,111 @@ def main():
   except Exception as e:  # noqa: BLE001
     head += f", fla unavailable ({type(e).__name__})"
   print(head, flush=True)
-  rows = []
   hdr = ("| op | T | pass | linjax pallas ms | linjax jnp chunk ms | fla ms | linjax/fla | "
          "cuDNN attn ms | pallas TFLOP/s | pallas GB/s |")
-  print(hdr + "\n|" + "---|" * 10, flush=True)
   fmt = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x:.3f}")
   jnp_ts = {int(t) for t in a.jnp_ts.split(",") if t}
+  ts = [int(t) for t in a.ts.split(",")]
+  ops = a.ops.split(",") + (["gla@C32"] if a.gla_c32 else [])
+  res = {}  # (impl, op_name, T, pass) -> ms or error string
+  t_start = time.perf_counter()
 
-  def write_md():
+  def note(key, val):
+    res[key] = val
+    print(f"  [{time.perf_counter() - t_start:6.0f}s] {key}: {fmt(val)}", flush=True)
+
+  def parse(op_name):
+    if "@C" in op_name:
+      op, c = op_name.split("@C")
+      return op, int(c)
+    return op_name, 64
+
+  def table():
+    rows = []
+    for T in ts:
+      for op_name in ops:
+        op, C = parse(op_name)
+        fl, by = model_cost(op, B, T, H, D, C)
+        for p, mult in [("fwd", 1), ("fwd+bwd", 3)]:
+          pl_ms, fla_ms = res.get(("pallas", op_name, T, p)), res.get(("fla", op, T, p))
+          if C != 64:
+            fla_ms = None
+          ok = isinstance(pl_ms, float) and isinstance(fla_ms, float)
+          tf = gb = None
+          if isinstance(pl_ms, float):
+            tf = fl * mult / (pl_ms * 1e-3) / 1e12
+            gb = by * mult / (pl_ms * 1e-3) / 1e9
+          rows.append(
+              f"| {op_name} | {T} | {p} | {fmt(pl_ms)} | {fmt(res.get(('jnp', op, T, p)))} | "
+              f"{fmt(fla_ms)} | {fmt(pl_ms / fla_ms if ok else None)} | "
+              f"{fmt(res.get(('cudnn', 'attn', T, p)))} | {fmt(tf)} | "
+              f"{'-' if gb is None else f'{gb:.0f}'} |")
+    text = hdr + "\n|" + "---|" * 10 + "\n" + "\n".join(rows) + "\n"
     if a.md:
       with open(a.md, "w") as fh:
-        fh.write(f"# Chunkwise kernels, B={B} H={H} D={D} bf16, causal\n\n{head}\n\n")
-        fh.write(hdr + "\n|" + "---|" * 10 + "\n" + "\n".join(rows) + "\n")
+        fh.write(f"# Chunkwise kernels, B={B} H={H} D={D} bf16, causal\n\n{head}\n\n{text}")
+    return text
 
-  ops = a.ops.split(",") + (["gla@C32"] if a.gla_c32 else [])
-  for T in [int(t) for t in a.ts.split(",")]:
-    attn = {}
-    if not a.no_cudnn:
-      try:
-        q, k, v, _, _ = make_inputs("linear", B, T, H, D)
-        f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                         implementation="cudnn")
-        fb = lambda q, k, v: jax.value_and_grad(
-            lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
-        attn["fwd"] = time_jax(f, q, k, v)
-        attn["fwd+bwd"] = time_jax(fb, q, k, v)
-      except Exception as e:  # noqa: BLE001
-        attn = {"fwd": f"err {type(e).__name__}", "fwd+bwd": f"err {type(e).__name__}"}
+  def err(e):
+    return f"err {type(e).__name__}: {str(e)[:80]}"
+
+  # Phase 1: linjax Pallas; 2: linjax jnp chunk; 3: cuDNN; 4: fla (its autotuning is slow, so
+  # it goes last: a run cut short still has the linjax numbers). The table is rewritten after
+  # every phase.
+  for T in ts:
     for op_name in ops:
-      op, C = (op_name.split("@C")[0], int(op_name.split("@C")[1])) if "@C" in op_name else (
-          op_name, 64)
+      op, C = parse(op_name)
       q, k, v, g, beta = make_inputs(op, B, T, H, D)
-      res = {}
-      for impl in ["pallas", "jnp"]:
-        if impl == "jnp" and (a.no_jnp or T not in jnp_ts or C != 64):
-          continue
+      f, fb = linjax_fns(op, "pallas", C)
+      for p, fn in [("fwd", f), ("fwd+bwd", fb)]:
         try:
-          f, fb = linjax_fns(op, impl, C)
-          res[(impl, "fwd")] = time_jax(f, q, k, v, g, beta)
-          res[(impl, "fwd+bwd")] = time_jax(fb, q, k, v, g, beta)
+          note(("pallas", op_name, T, p), time_jax(fn, q, k, v, g, beta))
         except Exception as e:  # noqa: BLE001
-          res[(impl, "fwd")] = res[(impl, "fwd+bwd")] = f"err {type(e).__name__}: {str(e)[:80]}"
-      if not a.no_fla and C == 64:
+          note(("pallas", op_name, T, p), err(e))
+  table()
+  if not a.no_jnp:
+    for T in [t for t in ts if t in jnp_ts]:
+      for op in a.ops.split(","):
+        q, k, v, g, beta = make_inputs(op, B, T, H, D)
+        for p in ["fwd", "fwd+bwd"]:
+          try:
+            f, fb = linjax_fns(op, "jnp")
+            note(("jnp", op, T, p), time_jax(f if p == "fwd" else fb, q, k, v, g, beta))
+          except Exception as e:  # noqa: BLE001
+            note(("jnp", op, T, p), err(e))
+    table()
+  if not a.no_cudnn:
+    for T in ts:
+      q, k, v, _, _ = make_inputs("linear", B, T, H, D)
+      f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                       implementation="cudnn")
+      fb = lambda q, k, v: jax.value_and_grad(
+          lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
+      for p, fn in [("fwd", f), ("fwd+bwd", fb)]:
         try:
+          note(("cudnn", "attn", T, p), time_jax(fn, q, k, v))
+        except Exception as e:  # noqa: BLE001
+          note(("cudnn", "attn", T, p), err(e))
+    table()
+  if not a.no_fla:
+    for op in a.ops.split(","):
+      for T in ts:
+        try:
+          q, k, v, g, beta = make_inputs(op, B, T, H, D)
           torch, f, fb = fla_fns(op)
           tq, tk, tv = (to_torch(torch, x, True) for x in (q, k, v))
           tg, tb = to_torch(torch, g, True), to_torch(torch, beta, True)
-          res[("fla", "fwd")] = time_torch(torch, f, tq, tk, tv, tg, tb)
+          note(("fla", op, T, "fwd"), time_torch(torch, f, tq, tk, tv, tg, tb))
           try:
-            res[("fla", "fwd+bwd")] = time_torch(torch, fb, tq, tk, tv, tg, tb)
+            note(("fla", op, T, "fwd+bwd"), time_torch(torch, fb, tq, tk, tv, tg, tb))
           except Exception as e:  # noqa: BLE001
-            res[("fla", "fwd+bwd")] = f"err {type(e).__name__}: {str(e)[:60]}"
+            note(("fla", op, T, "fwd+bwd"), err(e))
           del tq, tk, tv, tg, tb
           torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
-          res[("fla", "fwd")] = res[("fla", "fwd+bwd")] = f"err {type(e).__name__}: {str(e)[:60]}"
-      fl, by = model_cost(op, B, T, H, D)
-      for p, mult in [("fwd", 1), ("fwd+bwd", 3)]:
-        pl_ms, fla_ms = res.get(("pallas", p)), res.get(("fla", p))
-        ratio = (pl_ms / fla_ms) if isinstance(pl_ms, float) and isinstance(fla_ms, float) else None
-        tf = gb = None
-        if isinstance(pl_ms, float):
-          tf = fl * mult / (pl_ms * 1e-3) / 1e12
-          gb = by * mult / (pl_ms * 1e-3) / 1e9
-        row = (f"| {op_name} | {T} | {p} | {fmt(pl_ms)} | {fmt(res.get(('jnp', p)))} | "
-               f"{fmt(fla_ms)} | {fmt(ratio)} | {fmt(attn.get(p))} | {fmt(tf)} | "
-               f"{'-' if gb is None else f'{gb:.0f}'} |")
-        rows.append(row)
-        print(row, flush=True)
-        write_md()
+          note(("fla", op, T, "fwd"), err(e))
+      table()
+  print(table(), flush=True)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,6 @@ recipes in `experiments/` (`make demo`) train for real.
     code(INSTALL),
     code("""
 import importlib.util, os, time
-import numpy as np
 import linjax
 from linjax.eval import perplexity, top1_agreement
 from linjax.eval.suite import heldout_tokens
@@ -196,13 +195,20 @@ A handful of steps on the embedded corpus here; the real recipe runs thousands.
 """),
     code("""
 from linjax.linearize import recipes
+batches = recipes.token_batches(tokenizer, steps=6, batch_size=1, seq_len=128)   # embedded corpus
 t0 = time.time()
-history = recipes.NOTEBOOK_STAGE1(student, teacher, tokenizer) if hasattr(recipes, "NOTEBOOK_STAGE1") else None
-print(f"stage 1 in {time.time() - t0:.0f}s")
+hist = recipes.attention_transfer(student, batches, lr=1e-2, inner_steps=4, progress=False, log_every=2)
+print(f"stage 1: {hist['steps']} batches, {hist['tokens']} tokens in {time.time() - t0:.0f}s; "
+      f"transfer loss {hist['loss'][0]:.3g} -> {hist['loss'][-1]:.3g}")
+"""),
+    md("""
+Stage 2 of LoLCATs (LoRA on q/k/v/o with next-token cross-entropy) is
+`recipes.finetune(student, batches, trainable=LoRAParam)` after adding adapters; the
+`experiments/` configs run both stages for thousands of steps.
 """),
     md("## Student vs teacher"),
     code("""
-tokens = heldout_tokens(tokenizer, 2 * 256).reshape(2, 256)
+tokens = heldout_tokens(tokenizer, 2 * 256).reshape(2, 256)   # held-out pydoc text
 ppl_t = perplexity(teacher, tokens, seq_len=256, batch_size=2)
 ppl_s = perplexity(student, tokens, seq_len=256, batch_size=2)
 agree = top1_agreement(student, teacher, tokens, batch_size=2)

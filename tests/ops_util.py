@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +86,9 @@ def compare(ref, out, tol, tag):
   for what, e in errs.items():
     key = tag + (what,)
     MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), e)
+  if os.environ.get("LINJAX_OPS_ERRORS"):   # collect for the report (benchmarks/ops_errors.py)
+    with open(os.environ["LINJAX_OPS_ERRORS"], "a") as f:
+      f.write(json.dumps({"tag": list(tag), "errs": errs}) + "\n")
   bad = {w: e for w, e in errs.items() if not e <= tol}
   assert not bad, f"{tag}: relative errors above {tol:g}: " + ", ".join(
       f"{w}={e:.2e}" for w, e in bad.items())

@@ -105,6 +105,12 @@ def test_shardings_place_each_leaf():
   assert (("embed_tokens", "embedding"), ("vocab", "embed")) in seen
   leaf = model.layers[0].self_attn.q_proj.kernel.value
   assert leaf.sharding == s
+  # a State of shardings shaped like the model (what nnx.get_named_sharding returns)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+  named = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  tree = jax.tree.map(lambda _: named, nnx.state(model))
+  m3, _ = from_pretrained(d, shardings=tree, tokenizer=False)
+  assert m3.layers[1].self_attn.k_proj.kernel.value.sharding == named
 
 
 def _corrupt(tmp_path, edit):

@@ -80,18 +80,70 @@ def transfer_losses(model, tokens, positions=None, segment_ids=None):
   return jnp.stack([jnp.asarray(l, jnp.float32).reshape(()) for l in leaves])
 
 
+def _distill_layers(model):
+  return [(i, l.self_attn) for i, l in enumerate(model.layers)
+          if hasattr(l.self_attn, "student_quadratic")]
+
+
+def collect_qkv(model, tokens):
+  """Teacher-forced (rotary q, k and v per query head) of every distillable layer.
+
+  The model runs in distill mode, so each layer's input is the teacher's hidden state."""
+  from linjax.layers.linear_mixers import repeat_kv, rotary
+  B, T = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  hs = model.hidden_states(tokens)
+  nnx.pop(model, nnx.Intermediate)
+  out = []
+  for i, m in _distill_layers(model):
+    x = hs["mixer_inputs"][i]
+    q, k, v = m.project(x)
+    rep = m.num_heads // m.num_kv_heads
+    out.append((rotary(q, pos, m.config), repeat_kv(rotary(k, pos, m.config), rep),
+                repeat_kv(v, rep)))
+  return out
+
+
+def cached_transfer_losses(model, qkvs, kind):
+  """Per-layer transfer losses [L] from collected (q, k, v); each layer checkpointed."""
+  from linjax.layers.linear_mixers import softmax_heads, transfer_loss, segment_masks
+  losses = []
+  for (i, m), (q, k, v) in zip(_distill_layers(model), qkvs):
+    B, T = q.shape[:2]
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    vis = segment_masks(pos, None)
+    scale = m.head_dim ** -0.5
+
+    @jax.checkpoint
+    def one(params, q, k, v, m=m, pos=pos, vis=vis, scale=scale):
+      ty, tp = softmax_heads(q, k, v, vis=vis, scale=scale)
+      sy, sw = m.student_quadratic(params, q, k, v, pos, vis)
+      return transfer_loss(sw, tp, sy, ty, kind)
+
+    losses.append(one(m.student_params(), q, k, v))
+  return jnp.stack(losses)
+
+
 def attention_transfer(model, batches, *, lr: float = 1e-2, kind: str = "mse",
-                       loss_scale: float = 1000.0, time_budget: float | None = None,
-                       progress: bool = True, log_every: int = 10, log=print):
-  """Train only the FeatureMapParams with per-layer transfer losses. Returns a history dict."""
+                       loss_scale: float = 1000.0, inner_steps: int = 1,
+                       time_budget: float | None = None, progress: bool = True,
+                       log_every: int = 10, log=print):
+  """Train only the FeatureMapParams with per-layer transfer losses. Returns a history dict.
+
+  Each batch is run once through the (teacher-forced) model to collect every layer's q, k, v;
+  then `inner_steps` Adam steps are taken on those (the teacher forward is the expensive
+  part on a CPU, the per-layer losses are cheap).
+  """
   set_distill(model, kind)
   set_mode(model, "quadratic")
   opt = nnx.Optimizer(model, optax.adam(lr), wrt=FeatureMapParam)
 
+  collect = nnx.jit(collect_qkv)
+
   @nnx.jit
-  def step(model, opt, tokens):
+  def step(model, opt, qkvs):
     def loss_fn(model):
-      losses = transfer_losses(model, tokens)
+      losses = cached_transfer_losses(model, qkvs, kind)
       return loss_scale * losses.mean(), losses
     (loss, per_layer), grads = nnx.value_and_grad(
         loss_fn, argnums=nnx.DiffState(0, FeatureMapParam), has_aux=True)(model)
@@ -102,7 +154,9 @@ def attention_transfer(model, batches, *, lr: float = 1e-2, kind: str = "mse",
   t0 = time.time()
   it = _progress(range(len(batches)), len(batches), f"attention transfer ({kind})", progress)
   for i in it:
-    loss, _ = step(model, opt, jnp.asarray(batches[i]))
+    qkvs = collect(model, jnp.asarray(batches[i]))
+    for _ in range(inner_steps):
+      loss, _ = step(model, opt, qkvs)
     loss = float(loss)
     hist["loss"].append(loss)
     hist["tokens"] += int(np.prod(batches[i].shape))
