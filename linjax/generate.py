@@ -47,6 +47,13 @@ def _prefill(graphdef, state, cache, tokens, positions, segment_ids, key, temper
   return tok, cache
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _extend(graphdef, state, cache, tokens, positions, segment_ids):
+  """Feed a chunk of prompt into the cache (chunked prefill), no sampling."""
+  model = nnx.merge(graphdef, state)
+  return model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)[1]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
 def _step(graphdef, state, cache, tok, key, temperature, top_p, greedy):
   model = nnx.merge(graphdef, state)
@@ -73,13 +80,16 @@ def left_pad(prompts, pad_token_id=0):
 
 def generate(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, pad_token_id: int = 0,
-             callback=None, cache_len: int | None = None) -> list[list[int]]:
+             callback=None, cache_len: int | None = None,
+             prefill_chunk: int | None = None) -> list[list[int]]:
   """Generate up to `max_new_tokens` per prompt; returns the new token ids of each row
   (EOS included when produced; nothing after it).
 
   prompts: a list of token-id lists (or one list). eos_token_id: an int or a list of ints.
   callback(tokens: np.ndarray[B], active: np.ndarray[B] bool) is called after each step
   with the token each row just produced (ignore rows where active is False).
+  prefill_chunk: feed long prompts in chunks of this many tokens (bounds the attention
+  memory of the prefill to chunk x cache_len instead of prompt_len x cache_len).
   """
   single = len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))
   if single:
@@ -100,9 +110,16 @@ def generate(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0
   active = np.ones(B, bool)
   if max_new_tokens <= 0:
     return out[0] if single else out
-  tok, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(positions),
-                        jnp.asarray(segment_ids), jax.random.fold_in(key, 0), temperature,
-                        top_p, greedy=greedy)
+  start = 0
+  if prefill_chunk:
+    while L - start > prefill_chunk:
+      sl = slice(start, start + prefill_chunk)
+      cache = _extend(graphdef, state, cache, jnp.asarray(tokens[:, sl]),
+                      jnp.asarray(positions[:, sl]), jnp.asarray(segment_ids[:, sl]))
+      start += prefill_chunk
+  tok, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens[:, start:]),
+                        jnp.asarray(positions[:, start:]), jnp.asarray(segment_ids[:, start:]),
+                        jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy)
   for step in range(max_new_tokens):
     t = np.asarray(tok)
     for b in np.nonzero(active)[0]:

@@ -26,6 +26,8 @@ def test_greedy_equals_transformers_and_single_prompts(batched):
     assert got == ref
   # one prompt alone gives the same tokens as inside the padded batch
   assert generate(linjax_model(NAME), PROMPTS[1], max_new_tokens=10) == batched[1]
+  # a chunked prefill changes nothing
+  assert generate(linjax_model(NAME), PROMPTS, max_new_tokens=10, prefill_chunk=3) == batched
 
 
 def test_eos_stops_each_row_and_streams(batched):
