@@ -32,6 +32,7 @@ DEV = TORCH + [
     "nbformat>=5.10",
     "ipykernel>=6.29",
     "einops>=0.8",
+    "lm-eval>=0.4.13",
 ]
 
 setup(

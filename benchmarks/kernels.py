@@ -187,7 +187,8 @@ def main():
             tf = fl * mult / (pl_ms * 1e-3) / 1e12
             gb = by * mult / (pl_ms * 1e-3) / 1e9
           rows.append(
-              f"| {op_name} | {T} | {p} | {fmt(pl_ms)} | {fmt(res.get(('jnp', op, T, p)))} | "
+              f"| {op_name} | {T} | {p} | {fmt(pl_ms)} | "
+              f"{fmt(res.get(('jnp', op, T, p)) if C == 64 else None)} | "
               f"{fmt(fla_ms)} | {fmt(pl_ms / fla_ms if ok else None)} | "
               f"{fmt(res.get(('cudnn', 'attn', T, p)))} | {fmt(tf)} | "
               f"{'-' if gb is None else f'{gb:.0f}'} |")

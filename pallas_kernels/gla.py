@@ -311,24 +311,38 @@ def _output_kernel(*refs, kind, C, scale):
   o_ref[...] = (o * scale).astype(o_ref.dtype)
 
 
-def _chunk_specs(kind, C, Kp, Vp):
-  qs = pl.BlockSpec((None, C, Kp), lambda b, h, c: (b, c, h))
-  vs = pl.BlockSpec((None, C, Vp), lambda b, h, c: (b, c, h))
-  hs = pl.BlockSpec((None, None, None, Kp, Vp), lambda b, h, c: (b, h, c, 0, 0))
-  return qs, vs, _gate_specs_chunk(kind, C, Kp, lambda c: c), hs
+def _v_tiles(backend, dtype, Vp):
+  """V tiles for the parallel kernels. fp32 on GPU: 64-wide tiles, so the fp32 [K, V] state
+  blocks of a program stay within Triton's shared memory / registers at head dim 128+.
+  Everything in those kernels is linear in the V slice except the scores q k^T (recomputed
+  per tile); dq and dk come back as per-tile partial sums."""
+  if backend == "gpu" and dtype == f32 and Vp > 64:
+    return Vp // 64
+  return 1
+
+
+def _chunk_specs(kind, C, Kp, Vp, NV=1):
+  BV = Vp // NV
+  qs = pl.BlockSpec((None, C, Kp), lambda b, h, c, iv: (b, c, h))
+  vs = pl.BlockSpec((None, C, BV), lambda b, h, c, iv: (b, c, h * NV + iv))
+  hs = pl.BlockSpec((None, None, None, Kp, BV), lambda b, h, c, iv: (b, h, c, 0, iv))
+  gs = [pl.BlockSpec(g.block_shape, (lambda m: lambda b, h, c, iv: m(b, h, c))(g.index_map))
+        for g in _gate_specs_chunk(kind, C, Kp, lambda c: c)]
+  return qs, vs, gs, hs
 
 
 def output(q, k, v, gates, hs, *, kind, C, H, scale, backend, interpret):
   B, Tp, HK = q.shape
   Kp, Vp = HK // H, v.shape[-1] // H
   NT = Tp // C
-  qs, vs, gs, hsp = _chunk_specs(kind, C, Kp, Vp)
+  NV = _v_tiles(backend, q.dtype, Vp)
+  qs, vs, gs, hsp = _chunk_specs(kind, C, Kp, Vp, NV)
   cp = None if interpret else (
-      cm.compiler_params("tpu", ("parallel",) * 3) if backend == "tpu"
+      cm.compiler_params("tpu", ("parallel",) * 4) if backend == "tpu"
       else cm.compiler_params("gpu", None, num_warps=4, num_stages=2))
   return pl.pallas_call(
       functools.partial(_output_kernel, kind=kind, C=C, scale=scale),
-      out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), grid=(B, H, NT),
+      out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), grid=(B, H, NT, NV),
       in_specs=[qs, qs, vs, *gs, hsp], out_specs=vs, compiler_params=cp,
       interpret=cm.interpret_arg(interpret), name="linjax_chunk_output")(q, k, v, *gates, hs)
 
@@ -366,19 +380,24 @@ def grads(q, k, v, gates, hs, do, dhs, *, kind, C, H, scale, backend, interpret)
   B, Tp, HK = q.shape
   Kp, Vp = HK // H, v.shape[-1] // H
   NT = Tp // C
-  qs, vs, gs, hsp = _chunk_specs(kind, C, Kp, Vp)
+  NV = _v_tiles(backend, q.dtype, Vp)
+  qs, vs, gs, hsp = _chunk_specs(kind, C, Kp, Vp, NV)
   cp = None if interpret else (
-      cm.compiler_params("tpu", ("parallel",) * 3) if backend == "tpu"
-      else cm.compiler_params("gpu", None, num_warps=8 if Kp * Vp > 64 * 64 else 4,
+      cm.compiler_params("tpu", ("parallel",) * 4) if backend == "tpu"
+      else cm.compiler_params("gpu", None, num_warps=8 if Kp * Vp // NV > 64 * 64 else 4,
                               num_stages=1))
-  out_shape = [jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(k.shape, f32),
+  # dq, dk: one partial sum per V tile, [NV, B, Tp, H*Kp], summed below (NV = 1: a reshape).
+  ps = pl.BlockSpec((None, None, C, Kp), lambda b, h, c, iv: (iv, b, c, h))
+  out_shape = [jax.ShapeDtypeStruct((NV,) + q.shape, f32),
+               jax.ShapeDtypeStruct((NV,) + k.shape, f32),
                jax.ShapeDtypeStruct(v.shape, f32)]
-  return pl.pallas_call(
+  dq, dk, dv = pl.pallas_call(
       functools.partial(_grads_kernel, kind=kind, C=C, scale=scale),
-      out_shape=out_shape, grid=(B, H, NT),
-      in_specs=[qs, qs, vs, *gs, hsp, vs, hsp], out_specs=[qs, qs, vs], compiler_params=cp,
+      out_shape=out_shape, grid=(B, H, NT, NV),
+      in_specs=[qs, qs, vs, *gs, hsp, vs, hsp], out_specs=[ps, ps, vs], compiler_params=cp,
       interpret=cm.interpret_arg(interpret), name="linjax_chunk_grads")(
           q, k, v, *gates, hs, do, dhs)
+  return dq.sum(0), dk.sum(0), dv
 
 
 # --------------------------------------------------------------------------- host side

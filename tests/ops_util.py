@@ -86,7 +86,7 @@ def compare(ref, out, tol, tag):
   for what, e in errs.items():
     key = tag + (what,)
     MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), e)
-  if os.environ.get("LINJAX_OPS_ERRORS"):   # collect for the report (benchmarks/ops_errors.py)
+  if os.environ.get("LINJAX_OPS_ERRORS"):   # JSON lines of every comparison, for reports
     with open(os.environ["LINJAX_OPS_ERRORS"], "a") as f:
       f.write(json.dumps({"tag": list(tag), "errs": errs}) + "\n")
   bad = {w: e for w, e in errs.items() if not e <= tol}

@@ -196,3 +196,15 @@ def test_name_table_is_reversible():
                                                             nnx.Param))}
   assert set(paths) == model_paths
   assert set(table) == set(hf_model("gqa_llama3_bias").state_dict())
+
+
+def test_conversion_cache(tmp_path):
+  d = saved_hf_dir("gqa_llama3_bias")
+  cache = tmp_path / "cache"
+  m1, _ = from_pretrained(d, cache_dir=str(cache), tokenizer=False)
+  entries = [e for e in os.listdir(cache) if not e.startswith(".")]
+  assert len(entries) == 1 and os.path.isdir(cache / entries[0] / "state")
+  m2, _ = from_pretrained(d, cache_dir=str(cache), tokenizer=False)
+  toks = jnp.asarray(tokens(1, 10))
+  np.testing.assert_array_equal(np.asarray(m1(toks)[0]), np.asarray(m2(toks)[0]))
+  assert os.listdir(cache) == entries

@@ -48,18 +48,38 @@ def _compare(ours, ref, tasks):
   return worst
 
 
-def test_registered_on_import_and_by_the_pth_hook():
+def test_registered_on_import():
   from lm_eval.api.registry import get_model
   assert get_model("linjax") is LinjaxLM
-  # A fresh interpreter with only the hook imported (what the .pth does) finds "linjax"
-  # through lm-eval's own lookup, and "hf" still resolves.
-  code = ("import linjax.eval._lm_eval_hook, sys; assert 'jax' not in sys.modules; "
-          "from lm_eval.api.registry import get_model; "
-          "print(get_model('linjax').__name__, get_model('hf').__name__)")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.split() == ["LinjaxLM", "HFLM"]
+
+
+def test_plain_lm_eval_cli_with_the_pth_plugin(tmp_path):
+  """`lm_eval --model linjax --model_args path=...` in a fresh interpreter whose site dir
+  holds the .pth that `install_plugin` writes: lm-eval's own CLI finds the adapter, loads a
+  saved model with linjax.from_pretrained and runs a local task."""
+  from linjax.eval.lm_eval_adapter import install_plugin
+  tok = _word_tokenizer()
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+  tok.save_pretrained(tmp_path / "model")
+  site_dir = tmp_path / "site"
+  site_dir.mkdir()
+  install_plugin(str(site_dir))
+  out_dir = tmp_path / "out"
+  code = ("import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval'] + sys.argv[2:]; "
+          "assert 'linjax.eval.lm_eval_adapter' not in sys.modules; "
+          "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+  args = ["--model", "linjax", "--model_args", f"path={tmp_path / 'model'},max_length=32",
+          "--tasks", "linjax_tiny_mc", "--include_path", TASKS_DIR, "--output_path",
+          str(out_dir), "--batch_size", "4"]
+  out = subprocess.run([sys.executable, "-c", code, str(site_dir)] + args,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+  assert "linjax_tiny_mc" in out.stdout and "acc" in out.stdout
+  assert list(out_dir.rglob("results_*.json"))
 
 
 def test_install_plugin_writes_pth(tmp_path):

@@ -37,13 +37,9 @@ def test_notebooks_are_generated_from_the_script():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path):
   nb = nbformat.read(path, as_version=4)
-  env_keep = os.environ.get("XLA_FLAGS")
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": os.path.dirname(path)}})
   try:
     client.execute()
   except nbclient.exceptions.CellExecutionError as e:
     pytest.fail(f"{os.path.basename(path)} failed:\n{str(e)[-3000:]}")
-  finally:
-    if env_keep is None:
-      os.environ.pop("XLA_FLAGS", None)

@@ -40,15 +40,18 @@ def _fwd_bwd(op, n_diff):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("kind", ["none", "scalar", "channel"])
+@pytest.mark.parametrize("kind", ["none", "scalar", "channel", "channel-fp32"])
 def test_gla_lowers(platform, kind):
+  dt = jnp.float32 if kind.endswith("fp32") else jnp.bfloat16
+  kind = kind.split("-")[0]
   g = {"none": None, "scalar": sd((B, T, H), jnp.float32),
        "channel": sd((B, T, H, K), jnp.float32)}[kind]
 
   def op(q, k, v, h0, g=None):
     return pallas_kernels.gla_chunk(q, k, v, g, initial_state=h0, output_final_state=True)
 
-  args = [sd((B, T, H, K)), sd((B, T, H, K)), sd((B, T, H, V)), sd((B, H, K, V), jnp.float32)]
+  args = [sd((B, T, H, K), dt), sd((B, T, H, K), dt), sd((B, T, H, V), dt),
+          sd((B, H, K, V), jnp.float32)]
   if g is not None:
     args.append(g)
   for fn in _fwd_bwd(op, len(args)):

@@ -239,16 +239,30 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
   assert set(range(1, 7)) <= steps
 
 
-def test_incomplete_checkpoint_is_never_restored(tmp_path):
-  """A save cut short leaves only orbax's temporary directory, which is ignored."""
+def test_incomplete_checkpoint_is_ignored_and_checkpoints_seed_the_next_stage(tmp_path):
+  """A save cut short leaves only orbax's temporary directory, which is ignored; a workdir
+  without an exported model still serves as `init_from` (its latest checkpoint)."""
   wd = str(tmp_path / "w")
-  train(tiny_config(**{"ckpt.every": 1, "ckpt.async_save": False}), wd)
+  c = tiny_config(trainable="lora", **{"ckpt.every": 1, "ckpt.async_save": False,
+                                       "lora.rank": 2})
+  s = train(c, wd)
   d = os.path.join(wd, "checkpoints")
-  # fake a half-written step 7: orbax's tmp naming, and a bare step dir with no items
-  os.makedirs(os.path.join(d, "7.orbax-checkpoint-tmp-1234", "model"))
+  os.makedirs(os.path.join(d, "7.orbax-checkpoint-tmp-1234", "model"))   # a half-written save
   ck = ckpt_lib.Checkpointer(d)
   assert ck.latest_step() == 2
   ck.close()
+  from linjax.layers.lora import merge_lora
+  merge_lora(s["model"])
+  want = flat_params(s["model"])
+  from linjax.parallel.mesh import make_mesh
+  from linjax.train.trainer import prepare_model
+  nxt = resolve(tiny_config(init_from=wd))
+  got = flat_params(prepare_model(nxt, make_mesh(nxt.mesh)))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  with pytest.raises(ConfigError, match="init_from"):
+    resolve(tiny_config(init_from=str(tmp_path)))     # neither a model nor a run
 
 
 # ------------------------------------------------------------------------------------------

@@ -143,8 +143,38 @@ def _load_tokenizer(path, **kw):
 
 # --- public API -------------------------------------------------------------------------
 
+def _cache_key(path) -> str:
+  import hashlib
+  st = os.stat(path)
+  h = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+  return f"{os.path.basename(path)}-{h.hexdigest()[:12]}"
+
+
+def _cached(path, cache_dir, config):
+  """The linjax checkpoint dir converted from `path` (GGUF / file / HF dir), made on first use.
+
+  Written to a temporary dir and renamed, so concurrent processes (pytest workers) are safe.
+  """
+  import shutil
+  import tempfile
+  if cache_dir == "auto":
+    cache_dir = os.environ.get("LINJAX_CACHE", os.path.expanduser("~/.cache/linjax"))
+  final = os.path.join(cache_dir, _cache_key(path))
+  if os.path.isdir(os.path.join(final, "state")):
+    return final
+  os.makedirs(cache_dir, exist_ok=True)
+  model, tok = from_pretrained(path, config=config)
+  tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
+  save_linjax(model, tmp, tokenizer=tok)
+  try:
+    os.rename(tmp, final)
+  except OSError:  # another process won the race
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
 def from_pretrained(path, *, dtype=None, param_dtype=None, shardings=None, config=None,
-                    tokenizer=True, **config_overrides):
+                    tokenizer=True, cache_dir=None, **config_overrides):
   """Load a Llama (and its tokenizer) from any supported format; returns (model, tokenizer).
 
   dtype: compute dtype (and param dtype unless `param_dtype` is given), e.g. "bfloat16".
@@ -153,8 +183,14 @@ def from_pretrained(path, *, dtype=None, param_dtype=None, shardings=None, confi
     (e.g. from `nnx.get_named_sharding`). Each tensor is placed as it is read.
   config_overrides: LlamaConfig fields (e.g. remat=True).
   tokenizer: False to skip loading one (returns None).
+  cache_dir: "auto" ($LINJAX_CACHE or ~/.cache/linjax) or a folder: convert once to a linjax
+    checkpoint there (with the tokenizer) and restore from it afterwards (much faster than
+    dequantizing a GGUF and rebuilding its tokenizer every time). Keyed by path, size, mtime.
   """
   path = os.fspath(path)
+  if cache_dir is not None and not os.path.isdir(os.path.join(path, "state")):
+    path = _cached(path, cache_dir, config)
+    config = None
   kw = _overrides(dtype, param_dtype, config_overrides)
   if os.path.isdir(path):
     if os.path.isdir(os.path.join(path, "state")):

@@ -23,7 +23,7 @@ the linear state the first time some query sees it as "linear"; ring slots are `
 """
 from __future__ import annotations
 
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,7 @@ class LolcatsAttention(DistillMixin, QKVO):
     self.feature_map_q = FeatureMap(feature_map, self.num_heads, self.head_dim, rngs=rngs)
     self.feature_map_k = FeatureMap(feature_map, self.num_heads, self.head_dim, rngs=rngs)
     self.feat_dim = feature_dim(feature_map, self.head_dim)
-    logit = float(jnp.log(init_window_factor) - jnp.log1p(-init_window_factor))
+    logit = math.log(init_window_factor) - math.log1p(-init_window_factor)
     self.window_factors = FeatureMapParam(jnp.full((self.num_heads,), logit, jnp.float32))
 
   # --- pieces ---------------------------------------------------------------------------

@@ -22,11 +22,15 @@ def _env_int(name):
 
 
 def _cluster_detected() -> bool:
+  """A multi-process launch JAX can auto-configure (Slurm, Open MPI, TPU pod, multislice)."""
   env = os.environ
-  return any(k in env for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                                "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")) and (
-      int(env.get("SLURM_NTASKS", env.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1
-      or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
+  if env.get("LINJAX_DISTRIBUTED") == "1":
+    return True
+  if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  return "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -62,19 +66,33 @@ def process_batch_slice(global_batch_size: int) -> slice:
   return slice(i * per, (i + 1) * per)
 
 
-def host_local_to_global(batch, mesh, spec_fn=None):
-  """Assemble per-host [B_local, T, ...] numpy arrays into global `jax.Array`s.
+def host_local_to_global(batch, mesh, spec_fn=None, *, local: bool = False):
+  """numpy batches -> global `jax.Array`s sharded like `rules.batch_sharding`.
 
-  Each host passes its own rows (see `process_batch_slice`); the result is sharded like
-  `rules.batch_sharding` (B over data x fsdp, T over seq). Single-process: a `device_put`.
+  local=False (what `linjax.train` does): every host holds the same full global batch (same
+  data, same seed) and materialises only the shards its own devices hold
+  (`jax.make_array_from_callback`). local=True: each host passes only its own rows (see
+  `process_batch_slice`), assembled with `multihost_utils.host_local_array_to_global_array`.
+  Single process: both are a sharded `device_put`.
   """
-  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding
+
   from linjax.parallel.rules import batch_spec
-  spec_fn = spec_fn or (lambda x: batch_spec(mesh, x.ndim))
-  if jax.process_count() == 1:
-    from jax.sharding import NamedSharding
-    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), NamedSharding(mesh, spec_fn(x))),
-                        batch)
-  return jax.tree.map(
-      lambda x: multihost_utils.host_local_array_to_global_array(np.asarray(x), mesh, spec_fn(x)),
-      batch)
+
+  def spec_of(x, shape):
+    return spec_fn(x) if spec_fn is not None else batch_spec(mesh, x.ndim, shape)
+
+  def one(x):
+    if x is None:
+      return None
+    x = np.asarray(x)
+    if local and jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+      return multihost_utils.host_local_array_to_global_array(x, mesh, spec_of(x, shape))
+    sharding = NamedSharding(mesh, spec_of(x, x.shape))
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  return jax.tree.map(one, batch, is_leaf=lambda x: x is None)

@@ -86,6 +86,14 @@ class Checkpointer:
     nnx.replace_by_pure_dict(opt_state, from_saved(out["optimizer"], op))
     return model_state, opt_state, dict(out["meta"])
 
+  def restore_model(self, step: int, model_state):
+    """Restores only the model item into (a copy of) `model_state`."""
+    mp = pure(model_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(_abstract(mp))))
+    nnx.replace_by_pure_dict(model_state, from_saved(out["model"], mp))
+    return model_state
+
   def saved_keys(self, step: int, item: str = "model") -> list[str]:
     """Dotted paths of the arrays saved in `item` of checkpoint `step` (from its metadata)."""
     tree = self.manager.item_metadata(step)[item]

