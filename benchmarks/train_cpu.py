@@ -126,9 +126,9 @@ def main():
       f"tokens (embedded held-out pydoc text), AdamW + global-norm clipping, the trainer's "
       f"jit-compiled step. Median of {args.steps} steps after the compiling first one."
       + (f" Load average when finished: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-         f"on {os.cpu_count()} cores: when other jobs share the cores the wall-clock numbers "
-         f"are pessimistic; CPU-seconds per step (process time, all threads) are less "
-         f"affected, and an unshared machine approaches tokens / CPU-second x cores." if load else ""),
+         f"on {os.cpu_count()} cores: other jobs shared the cores, so the wall-clock columns "
+         f"are pessimistic and noisy; CPU-seconds per step (process time of all threads) are "
+         f"the steadier comparison between variants." if load else ""),
       "",
       "| variant | trainable params | tokens/s (wall) | median step (s) | fastest step (s) | "
       "CPU-seconds / step | tokens / CPU-second | compile + first step (s) | loss first -> last |",

@@ -68,7 +68,10 @@ def test_attention_transfer_decreases_loss(mixer, kw, kind):
   batch = np.asarray(tokens(B=2, T=32))
   batches = np.stack([batch] * 12)
   hist = recipes.attention_transfer(model, batches, lr=3e-2, kind=kind, progress=False, log=None)
-  assert hist["loss"][-1] < 0.8 * hist["loss"][0], hist["loss"]
+  if kind == "mse":
+    assert hist["loss"][-1] < 0.8 * hist["loss"][0], hist["loss"]
+  else:  # cross-entropy has the teacher's entropy as its floor: check it moves down steadily
+    assert all(b < a for a, b in zip(hist["loss"], hist["loss"][1:])), hist["loss"]
   # only feature maps moved
   assert model.layers[0].self_attn.distill is None and model.layers[0].self_attn.mode == "chunk"
 
@@ -96,3 +99,22 @@ def test_trainer_loss_registry_has_transfer_losses():
   assert model.layers[0].self_attn.distill is None
   loss, _ = get_loss("hedgehog")(model, batch, None)
   assert np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize("exp", ["lolcats", "liger", "hedgehog", "supra"])
+def test_experiment_configs_run_on_a_tiny_model(exp):
+  from linjax.linearize.run import load_config, run_one
+  cfg = load_config(f"experiments/{exp}_smollm2.py:cpu")
+  cfg.seq_len = 32
+  for s in (cfg.stage1, cfg.stage2):
+    s.steps = min(s.steps, 2)
+    s.batch_size = 1
+  if "window" in cfg.mixer_kwargs:
+    cfg.mixer_kwargs = dict(cfg.mixer_kwargs, window=8)
+  teacher = tiny_llama()
+  train = np.asarray(tokens(B=1, T=400, seed=5))[0]
+  held = np.asarray(tokens(B=1, T=64, seed=6))[0]
+  res, student = run_one(cfg, teacher, train, held, progress=False, log=lambda *a: None)
+  assert np.isfinite(res["ppl"]) and 0 <= res["top1"] <= 1
+  assert res["tokens"] == (cfg.stage1.steps + cfg.stage2.steps) * 32
+  assert student.config.mixers[0] == cfg.mixer

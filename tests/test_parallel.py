@@ -107,6 +107,10 @@ def worker_basics():
   assert eager.q.kernel[...].sharding.spec == P("fsdp", "tensor")
   assert parallel.current_mesh() is None
   assert parallel.initialize() is False
+  assert parallel.process_batch_slice(8) == slice(0, 8)
+  gb = parallel.host_local_to_global({"ids": np.arange(64).reshape(4, 16), "seg": None}, m4)
+  assert gb["seg"] is None and gb["ids"].sharding.spec == P("data", "seq")
+  np.testing.assert_array_equal(np.asarray(gb["ids"]), np.arange(64).reshape(4, 16))
   print("BASICS OK")
 
 

@@ -127,7 +127,16 @@ class LlamaAttention(nnx.Module):
       return self.output(o), None
     if segment_ids is None:
       segment_ids = jnp.ones(positions.shape, jnp.int32)
-    # Attend over (cache, new tokens) before writing, so a prefill longer than a ring is exact.
+    if self.window is None:
+      # Full cache (slot = position): write first, then attend over the cache alone; no
+      # copy of the cache per step (the scatter is in place when the cache is donated).
+      cache = write_cache(cache, k, v, positions, segment_ids)
+      o = self.attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
+                      q_positions=positions, kv_positions=cache["pos"],
+                      segment_ids=segment_ids, kv_segment_ids=cache["seg"])
+      return self.output(o), cache
+    # Ring: attend over (cache, new tokens) before writing, so a prefill longer than the
+    # ring (whose new tokens overwrite slots earlier queries still need) stays exact.
     kk = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
     vv = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
     kpos = jnp.concatenate([cache["pos"], positions.astype(jnp.int32)], axis=1)

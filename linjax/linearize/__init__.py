@@ -38,10 +38,10 @@ def _copy_linear(src, dst, name):
     raise ValueError(f"{name}: parameters {sorted(s_flat)} of the source do not match "
                      f"{sorted(d_flat)} of the new mixer (merge LoRA before linearizing)")
   for k, v in s_flat.items():
-    if v.value.shape != d_flat[k].value.shape:
-      raise ValueError(f"{name}.{'.'.join(map(str, k))}: shape {v.value.shape} vs "
-                       f"{d_flat[k].value.shape}")
-    d_flat[k].value = v.value.astype(d_flat[k].value.dtype)
+    src, dst = v.get_value(), d_flat[k].get_value()
+    if src.shape != dst.shape:
+      raise ValueError(f"{name}.{'.'.join(map(str, k))}: shape {src.shape} vs {dst.shape}")
+    d_flat[k].set_value(src.astype(dst.dtype))
   nnx.update(dst, nnx.from_flat_state(d_flat))
 
 

@@ -279,7 +279,13 @@ def _meta(cfg, step, position, key, loss):
 
 
 def train(config, workdir: str) -> dict:
-  """Runs (or resumes) the training run of `config` in `workdir`; returns the summary dict."""
+  """Runs (or resumes) the training run of `config` in `workdir`; returns the summary dict.
+
+  The summary (also written to `workdir/summary.json`, without "model") holds the final
+  train loss, held-out loss / perplexity, tokens/s (after the compiling first step),
+  parameter counts, where it resumed from, the resolved config, and "model": the trained
+  model object (with LoRA merged when `ckpt.export` is on).
+  """
   from linjax.parallel.mesh import make_mesh, use_mesh
   from linjax.parallel.rules import batch_sharding, param_shardings
   from linjax.parallel.distributed import host_local_to_global
@@ -420,7 +426,7 @@ def train(config, workdir: str) -> dict:
       "trainable_params": n_trainable, "total_params": n_total,
       "devices": jax.device_count(), "mesh": dict(mesh.shape),
       "loop_s": wall, "wall_s": time.time() - t_start, "model_dir": model_dir,
-      "checkpoint_dir": ck.directory,
+      "checkpoint_dir": ck.directory, "config": cfg.to_dict(),
   }
   writer.plot()
   writer.summary(summary)
