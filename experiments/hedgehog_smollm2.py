@@ -20,9 +20,9 @@ def get_config(arg=None):
   c.eval_windows = 6
   c.stage1 = ml_collections.ConfigDict(dict(
       steps=300 if gpu else 150, batch_size=8 if gpu else 1, lr=1e-2, kind="xent",
-      inner_steps=2, time_budget=30 if gpu else 360))
+      inner_steps=2, time_budget=20 if gpu else 360))
   c.stage2 = ml_collections.ConfigDict(dict(
       steps=600 if gpu else 100, batch_size=8 if gpu else 1, lr=1e-3, trainable="lora",
       lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-      warmup=0, time_budget=45 if gpu else 300))
+      warmup=0, time_budget=30 if gpu else 300))
   return c

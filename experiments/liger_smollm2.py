@@ -22,5 +22,5 @@ def get_config(arg=None):
   c.stage2 = ml_collections.ConfigDict(dict(
       steps=600 if gpu else 100, batch_size=8 if gpu else 1, lr=1e-3, trainable="lora",
       lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "k_proj", "v_proj"), warmup=0,
-      time_budget=75 if gpu else 600))
+      time_budget=50 if gpu else 600))
   return c

@@ -23,11 +23,11 @@ def get_config(arg=None):
   c.eval_windows = 6
   gpu = arg.endswith("gpu")
   c.stage1 = dict(steps=300 if gpu else 200, batch_size=8 if gpu else 1, lr=1e-2, kind="mse",
-                  inner_steps=2, time_budget=45 if gpu else 360)
+                  inner_steps=2, time_budget=35 if gpu else 360)
   c.stage2 = dict(steps=600 if gpu else 100, batch_size=8 if gpu else 1, lr=1e-3,
                   trainable="lora", lora_rank=8, lora_alpha=16.0,
                   lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), warmup=0,
-                  time_budget=75 if gpu else 300)
+                  time_budget=60 if gpu else 300)
   c.stage1 = ml_collections.ConfigDict(c.stage1)
   c.stage2 = ml_collections.ConfigDict(c.stage2)
   return c

@@ -22,5 +22,5 @@ def get_config(arg=None):
   c.stage2 = ml_collections.ConfigDict(dict(
       steps=600 if gpu else 100, batch_size=8 if gpu else 1, lr=1e-4, trainable="all",
       lora_rank=0, lora_alpha=0.0, lora_targets=(), warmup=50 if gpu else 10,
-      time_budget=60 if gpu else 600))
+      time_budget=40 if gpu else 600))
   return c

@@ -58,7 +58,6 @@ def main(argv=None):
   import jax
   import numpy as np
   from flax import nnx
-  from tqdm.auto import tqdm
 
   import linjax
   from linjax.convert import save_linjax
@@ -78,12 +77,12 @@ def main(argv=None):
 
   say(f"linjax demo: LoLCATs linearization of SmolLM2-135M on {jax.devices()[0].platform} "
       f"({os.cpu_count()} cores){' [quick]' if args.quick else ''}")
-  overall = tqdm(total=7, desc="demo", position=0, dynamic_ncols=True,
-                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+  stage = iter(range(1, 8))
+  head = lambda what: say(f"[{next(stage)}/7] {what}  (t={time.time() - t_start:.0f}s)")
 
   # 1. teacher ----------------------------------------------------------------------------
   gguf = args.gguf or smollm2_gguf_path()
-  overall.set_postfix_str("loading the teacher")
+  head("loading the teacher (SmolLM2-135M-Instruct GGUF)")
   teacher, tok = linjax.from_pretrained(gguf)
   if args.quick:  # smoke test: the first 4 layers are enough to exercise every step
     from linjax.models.llama import Llama
@@ -97,69 +96,64 @@ def main(argv=None):
       flat_s[k].set_value(flat_t[k].get_value())
     nnx.update(small, nnx.from_flat_state(flat_s))
     teacher = small
-  overall.update(1)
   say(f"  teacher: {gguf} ({teacher.config.num_hidden_layers} layers, "
       f"{sum(x.size for x in jax.tree.leaves(nnx.state(teacher, nnx.Param))) / 1e6:.0f}M params)"
       f"  [{time.time() - t_start:.0f}s]")
 
   # 2. held-out scores: teacher and the sliding-window baseline -----------------------------
-  overall.set_postfix_str("scoring the teacher")
+  head(f"scoring the teacher and the sliding-window baseline on {windows} x {seq} held-out tokens")
   held = R.heldout(tok, windows, seq)
   results = {}
   results["teacher (softmax)"] = R.quick_eval(teacher, None, held, seq_len=seq)
   if not args.no_baseline:
-    overall.set_postfix_str("scoring sliding window + sinks")
     swa = linearize(nnx.clone(teacher), "sliding_window", window=args.window, num_sinks=4)
     results[f"sliding window {args.window} + 4 sinks"] = R.quick_eval(swa, teacher, held, seq_len=seq)
     del swa
-  overall.update(1)
   say(f"  teacher held-out ppl {results['teacher (softmax)']['ppl']:.2f}  "
       f"[{time.time() - t_start:.0f}s]")
 
   # 3. linearize ---------------------------------------------------------------------------
+  head(f"linearizing every layer: LoLCATs ({args.variant}, window {args.window})")
   student = linearize(nnx.clone(teacher), "lolcats", window=args.window, variant=args.variant)
   elapsed = time.time() - t_start
   remaining = max(budget - elapsed - (30 if args.quick else 150), 60.0)  # keep time for the end
-  overall.update(1)
 
   # 4. stage 1: attention transfer ----------------------------------------------------------
-  overall.set_postfix_str("stage 1: attention transfer")
+  head("stage 1: attention transfer (feature maps + window factors, per-layer MSE)")
   b1 = R.token_batches(tok, steps=n1, batch_size=1, seq_len=seq, seed=0)
   h1 = R.attention_transfer(student, b1, lr=args.lr1, kind="mse", inner_steps=args.inner_steps,
                             time_budget=0.55 * remaining, progress=True)
-  overall.update(1)
   say(f"  stage 1: {h1['steps']} steps, {h1['tokens']} tokens, transfer loss "
       f"{h1['loss'][0]:.3g} -> {h1['loss'][-1]:.3g}  [{time.time() - t_start:.0f}s]")
 
   # 5. stage 2: LoRA with cross-entropy -----------------------------------------------------
-  overall.set_postfix_str("stage 2: LoRA fine-tuning")
+  head("stage 2: LoRA r=8 on q, k, v, o with cross-entropy")
   apply_lora(student, rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
              rngs=nnx.Rngs(1))
   b2 = R.token_batches(tok, steps=n2, batch_size=1, seq_len=seq, seed=1)
   left = max(budget - (time.time() - t_start) - (30 if args.quick else 120), 30.0)
   h2 = R.finetune(student, b2, lr=args.lr2, trainable=LoRAParam, time_budget=left, progress=True)
   merge_lora(student)
-  overall.update(1)
   say(f"  stage 2: {h2['steps']} steps, {h2['tokens']} tokens, ce {h2['loss'][0]:.3f} -> "
       f"{h2['loss'][-1]:.3f}  [{time.time() - t_start:.0f}s]")
 
   # 6. score and save the student -----------------------------------------------------------
-  overall.set_postfix_str("scoring the student")
+  head("scoring and saving the student")
   results["LoLCATs student"] = R.quick_eval(student, teacher, held, seq_len=seq)
   os.makedirs(args.workdir, exist_ok=True)
   ckpt = os.path.join(args.workdir, "student")
   save_linjax(student, ckpt, tokenizer=tok)
-  overall.update(1)
 
   # 7. generate with the recurrent state ----------------------------------------------------
-  overall.set_postfix_str("generating")
+  head("generating with the recurrent decode state")
   n_new = 8 if args.quick else 40
   texts = generate_text(student, tok, PROMPTS, max_new_tokens=n_new, temperature=0.0)
-  overall.update(1)
-  overall.close()
 
   t_ppl = results["teacher (softmax)"]["ppl"]
   say("")
+  if args.quick:
+    say("(--quick: a 4-layer cut of the model and a few steps; the numbers below only show "
+        "that every step runs)")
   say(f"Held-out pydoc text ({windows} x {seq} tokens):")
   say(f"  {'model':<30} {'perplexity':>10} {'ratio':>7} {'top-1 agree':>12}")
   for name, r in results.items():
