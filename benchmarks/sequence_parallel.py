@@ -277,9 +277,12 @@ def main():
              f"{human(b) if b is not None else 'n/a'} | {human(fb)} |")
   L.append("\n## 1b. Formula, 8 ... 256 shards (forward + backward, per device per layer)\n")
   L.append("LASP-2: 2 (P-1) B H D (D+1) 4 bytes (all-gather of [M_p | A_p] and its transpose, "
-           "a reduce-scatter), independent of T. All-gather KV and ring attention move the "
-           "same volume, 2 (P-1) B (T/P) H 2D 4 bytes (K, V forward; dK, dV back), which is "
-           "about the whole K, V of the sequence: it grows with T.\n")
+           "a reduce-scatter), independent of T but linear in P (each shard receives every other "
+           "shard's state), so at short T and very many shards (8k tokens on 128) it stops "
+           "paying. All-gather KV and ring attention move the same volume, 2 (P-1) B (T/P) H "
+           "2D 4 bytes (K, V forward; dK, dV back), about the whole K, V of the sequence: it "
+           "grows with T. (Ring attention overlaps its transfers with compute and holds one "
+           "block at a time; all-gathering holds the whole K, V on every shard.)\n")
   L.append("| T | P | LASP-2 | all-gather KV | ring attention | KV / LASP-2 |")
   L.append("|---:|---:|---:|---:|---:|---:|")
   for T in Ts_formula:
@@ -291,8 +294,11 @@ def main():
       L.append(f"| {T:,} | {P_} | {human(a)} | {human(kv)} | {human(kv)} | {kv / a:,.0f}x |")
   L.append("\n## 2. Per-shard memory with T growing with the shard count (T / P = 4096)\n")
   L.append("`compiled.memory_analysis()` of one layer's forward + backward per device "
-           "(H=4, D=64, float32; chunk method). LASP-2's gathered state grows with P "
-           "(P x H x D x (D+1) x 4 bytes, 66 KiB per shard here), nothing grows with T.\n")
+           "(H=4, D=64, float32; chunk method). P=1 is the plain op (no seq axis). LASP-2's "
+           "gathered states grow with P (H x D x (D+1) x 4 bytes = 66 KiB per shard here), "
+           "nothing grows with T. The all-gather-KV layer runs the plain masked softmax op on "
+           "[T/P, T] scores, so its temporaries grow with T (a flash-attention kernel would "
+           "shrink the scores, not the gathered K, V).\n")
   L.append("| method | P | T | arguments | temporaries | outputs |")
   L.append("|---|---:|---:|---:|---:|---:|")
   for name, P_, T, a, t, o in mem:

@@ -70,10 +70,13 @@ def _linear_inputs(B, T, H, K, V, N):
       gc=-jax.nn.softplus(posenc((B, T, H, K), 5)) * 0.3,
       beta=jax.nn.sigmoid(posenc((B, T, H), 6)),
       kn=k / jnp.linalg.norm(k, axis=-1, keepdims=True),
-      S0=posenc((N, H, K, V), 7))
+      S0=posenc((N, H, K, V), 7),
+      # normalize=True: positive features, state [.., V + 1] with the key sum last
+      qp=jax.nn.softplus(posenc((B, T, H, K), 8)), kp=jax.nn.softplus(posenc((B, T, H, K), 9)),
+      S0n=jnp.abs(posenc((N, H, K, V + 1), 10)))
 
 
-FAMILIES = ("linear", "scalar_gate", "channel_gate", "delta", "gated_delta")
+FAMILIES = ("linear", "scalar_gate", "channel_gate", "normalized", "delta", "gated_delta")
 
 
 # jaxlib's CPU triangular solve (LAPACK FFI, used by the delta rule's chunk method) runs its
@@ -91,6 +94,8 @@ def _linear_losses(f, a, do, dS, **kw):
       "linear": lambda: f.gla(a["q"], a["k"], a["v"], None, **kw),
       "scalar_gate": lambda: f.gla(a["q"], a["k"], a["v"], a["gh"], **kw),
       "channel_gate": lambda: f.gla(a["q"], a["k"], a["v"], a["gc"], **kw),
+      "normalized": lambda: f.gla(a["qp"], a["kp"], a["v"], a["gh"], normalize=True,
+                                  **dict(kw, initial_state=a["S0n"])),
       "delta": lambda: f.delta_rule(a["q"], a["kn"], a["v"], a["beta"], None, **dkw),
       "gated_delta": lambda: f.delta_rule(a["q"], a["kn"], a["v"], a["beta"], a["gh"], **dkw),
   }
@@ -98,24 +103,33 @@ def _linear_losses(f, a, do, dS, **kw):
   out = {}
   for name in FAMILIES:
     o, S = calls[name]()
-    out[name] = (jnp.sum(o * do) + jnp.sum(S * dS), o, S)
+    out[name] = (jnp.sum(o * do) + jnp.sum(S[..., :dS.shape[-1]] * dS), o, S)
   return out
 
 
-def _compare_linear(mesh, a, do, dS, kw, label):
+def _linear_program(f, do, dS, kw):
   import jax
-  from linjax import ops, parallel
+
+  def fn(a):
+    res = _linear_losses(f, a, do, dS, initial_state=a["S0"], output_final_state=True, **kw)
+    return sum(r[0] for r in res.values()), {n: r[1:] for n, r in res.items()}
+  return jax.jit(jax.value_and_grad(fn, has_aux=True))
+
+
+def _reference(a, do, dS, kw):
+  """Single-device values and gradients (linjax.ops, no mesh), computed once per worker."""
+  from linjax import ops
+  (_, ref), gref = _linear_program(ops, do, dS, kw)(a)
+  return ref, gref
+
+
+def _compare_linear(mesh, a, do, dS, kw, label, reference):
+  from linjax import parallel
   from linjax.parallel import sequence as sp
 
-  def total(f):
-    def fn(a):
-      res = _linear_losses(f, a, do, dS, initial_state=a["S0"], output_final_state=True, **kw)
-      return sum(r[0] for r in res.values()), {n: r[1:] for n, r in res.items()}
-    return jax.jit(jax.value_and_grad(fn, has_aux=True))
-
-  (_, ref), gref = total(ops)(a)
+  ref, gref = reference
   with parallel.use_mesh(mesh):
-    (_, got), ggot = total(sp)(a)
+    (_, got), ggot = _linear_program(sp, do, dS, kw)(a)
   worst = 0.0
   for n in FAMILIES:
     for what, x, y in (("o", ref[n][0], got[n][0]), ("final_state", ref[n][1], got[n][1])):
@@ -135,11 +149,13 @@ def worker_linear():
   B, T, H, K, V = 4, 32, 2, 8, 6
   a = _linear_inputs(B, T, H, K, V, B)
   do, dS = posenc((B, T, H, V), 11), posenc((B, H, K, V), 12)
+  reference = _reference(a, do, dS, dict(method="recurrent"))
   for data, seq, tensor, method in ((4, 2, 1, "recurrent"), (2, 4, 1, "chunk"),
                                     (1, 8, 1, "recurrent"), (2, 2, 2, "recurrent")):
     mesh = parallel.make_mesh(data=data, seq=seq, tensor=tensor)
     kw = dict(method=method) if method == "recurrent" else dict(method=method, chunk_size=4)
-    _compare_linear(mesh, a, do, dS, kw, f"data={data} seq={seq} tensor={tensor} {method}")
+    _compare_linear(mesh, a, do, dS, kw, f"data={data} seq={seq} tensor={tensor} {method}",
+                    reference)
   print("LINEAR OK")
 
 
@@ -154,10 +170,11 @@ def worker_varlen():
   N = cu.shape[0] - 1
   a = _linear_inputs(1, T, H, K, V, N)
   do, dS = posenc((1, T, H, V), 11), posenc((N, H, K, V), 12)
+  kw = dict(method="recurrent", cu_seqlens=cu)
+  reference = _reference(a, do, dS, kw)
   for data, seq in ((2, 4), (1, 8)):
     mesh = parallel.make_mesh(data=data, seq=seq)
-    _compare_linear(mesh, a, do, dS, dict(method="recurrent", cu_seqlens=cu),
-                    f"varlen data={data} seq={seq}")
+    _compare_linear(mesh, a, do, dS, kw, f"varlen data={data} seq={seq}", reference)
   print("VARLEN OK")
 
 
