@@ -32,17 +32,17 @@ def _layer_ids(layers, n):
 
 
 def _copy_linear(src, dst, name):
-  s, d = nnx.state(src, nnx.Param), nnx.state(dst, nnx.Param)
-  s_flat, d_flat = dict(nnx.to_flat_state(s)), dict(nnx.to_flat_state(d))
-  if set(s_flat) != set(d_flat):
-    raise ValueError(f"{name}: parameters {sorted(s_flat)} of the source do not match "
-                     f"{sorted(d_flat)} of the new mixer (merge LoRA before linearizing)")
-  for k, v in s_flat.items():
-    src, dst = v.get_value(), d_flat[k].get_value()
-    if src.shape != dst.shape:
-      raise ValueError(f"{name}.{'.'.join(map(str, k))}: shape {src.shape} vs {dst.shape}")
-    d_flat[k].set_value(src.astype(dst.dtype))
-  nnx.update(dst, nnx.from_flat_state(d_flat))
+  """Copy kernel and bias of one projection (an nnx.Linear or anything with those)."""
+  for attr in ("kernel", "bias"):
+    s, d = getattr(src, attr, None), getattr(dst, attr, None)
+    if (s is None) != (d is None):
+      raise ValueError(f"{name}.{attr}: present in one of source / new mixer only "
+                       "(merge LoRA before linearizing)")
+    if s is None:
+      continue
+    if s[...].shape != d[...].shape:
+      raise ValueError(f"{name}.{attr}: shape {s[...].shape} vs {d[...].shape}")
+    d[...] = s[...].astype(d[...].dtype)
 
 
 def linearize(model, mixer: str = "lolcats", layers=None, *, seed: int = 0, **mixer_kwargs):
