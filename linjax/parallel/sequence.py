@@ -286,7 +286,8 @@ def _lasp2_ok(what, mesh, q, cu_seqlens, op_kw):
     return False
   P_ = axis_size(mesh, SEQ)
   if q.shape[1] % P_:
-    _fallback_warn(what, f"T={q.shape[1]} is not divisible by the seq axis ({P_})")
+    if q.shape[1] > P_:  # decode steps (T = 1) fall back silently
+      _fallback_warn(what, f"T={q.shape[1]} is not divisible by the seq axis ({P_})")
     return False
   if cu_seqlens is not None and op_kw.get("max_seqlen") is not None:
     op_kw.pop("max_seqlen")  # a global bound; local slices are at most T / P anyway
@@ -353,7 +354,8 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
       or (q_positions is None) != (kv_positions is None)):
     return ops.attention(q, k, v, **kw)
   if T % P_:
-    _fallback_warn("attention", f"T={T} is not divisible by the seq axis ({P_})")
+    if T > P_:
+      _fallback_warn("attention", f"T={T} is not divisible by the seq axis ({P_})")
     return ops.attention(q, k, v, **kw)
   L = T // P_
   Hkv = k.shape[2]
