@@ -83,10 +83,11 @@ def _fallback_warn(what, why):
 
 
 def _shard_map(fn, mesh, in_specs, out_specs):
-  kw = {} if not isinstance(mesh, jax.sharding.Mesh) else {"mesh": mesh}
-  if not kw:  # an abstract mesh from jax.set_mesh: shard_map reads the context
-    kw = {"mesh": mesh}
-  return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False, **kw)
+  # check_vma=False: the local ops (and Pallas kernels) start scans from constant carries,
+  # which the varying-axes checker rejects inside shard_map. Values and gradients of every
+  # wrapper are tested against the single-device ops on 2x4, 4x2, 1x8 and 2x2x2 meshes.
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)
 
 
 # ----------------------------------------------------------------- LASP-2 building blocks
