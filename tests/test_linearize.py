@@ -101,7 +101,8 @@ def test_trainer_loss_registry_has_transfer_losses():
   assert np.isfinite(float(loss))
 
 
-@pytest.mark.parametrize("exp", ["lolcats", "liger", "hedgehog", "supra"])
+@pytest.mark.parametrize("exp", ["lolcats"] + [pytest.param(e, marks=pytest.mark.slow)
+                                              for e in ("liger", "hedgehog", "supra")])
 def test_experiment_configs_run_on_a_tiny_model(exp):
   from linjax.linearize.run import load_config, run_one
   cfg = load_config(f"experiments/{exp}_smollm2.py:cpu")

@@ -263,3 +263,17 @@ def test_project_qkv_reusable():
   assert q.shape == (2, 7, 4, 8) and k.shape == v.shape == (2, 7, 2, 8)
   o = attn.output(attn.attend(q, k, v, q_positions=pos, kv_positions=pos))
   np.testing.assert_allclose(np.asarray(o), np.asarray(attn(x, positions=pos)[0]), atol=1e-6)
+
+
+def test_full_cache_overflow_raises_instead_of_dropping_tokens():
+  model = Llama(small_config(), rngs=nnx.Rngs(0))
+  toks = jnp.asarray(tokens(1, 6, seed=6))
+  cache = model.init_cache(1, 4)  # too small for 6 tokens
+  with pytest.raises(Exception, match="does not fit the KV cache of 4 slots"):
+    logits, _ = model(toks, cache=cache)
+    jax.block_until_ready(logits)
+  step = jax.jit(lambda t, c: model(t, cache=c))  # also under jit
+  cache = model.init_cache(1, 6)
+  _, cache = step(toks, cache)
+  with pytest.raises(Exception, match="does not fit the KV cache of 6 slots"):
+    jax.block_until_ready(step(toks[:, :1], cache)[0])

@@ -43,12 +43,26 @@ def cache_slots(positions, size, window=None, num_sinks=0):
   return jnp.where(positions < num_sinks, positions, ring)
 
 
+def _raise_if_full(overflow, size, max_pos):
+  if overflow:
+    raise ValueError(f"decode position {int(max_pos)} does not fit the KV cache of {size} "
+                     f"slots: build the cache with init_cache(batch_size, max_len > "
+                     f"{int(max_pos)})")
+
+
 def write_cache(cache, k, v, positions, segment_ids, window=None, num_sinks=0):
   """Scatter the new tokens' k, v into the cache. Padding (segment 0) and, with a window,
-  tokens already out of the window of the newest token, are dropped (no duplicate slots)."""
+  tokens already out of the window of the newest token, are dropped (no duplicate slots).
+
+  Raises (at run time, also under jit) when a real token's position does not fit a full
+  cache: dropping it silently would give wrong logits.
+  """
   size = cache["k"].shape[1]
   slots = cache_slots(positions, size, window, num_sinks)
   keep = segment_ids > 0
+  if window is None:
+    real_pos = jnp.where(keep, positions, -1)
+    jax.debug.callback(_raise_if_full, jnp.any(real_pos >= size), size, jnp.max(real_pos))
   if window is not None:
     last = jnp.max(jnp.where(keep, positions, -1), axis=1, keepdims=True)
     keep &= (positions > last - window) | (positions < num_sinks)
