@@ -43,6 +43,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["linjax", "linjax.*", "pallas_kernels", "pallas_kernels.*"]),
+    package_data={"linjax.eval": ["tasks/*"]},
     install_requires=CORE,
     extras_require={
         "torch": TORCH,
