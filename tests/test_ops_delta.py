@@ -40,7 +40,6 @@ MATRIX = [
     ("chunk", 63, 128, 64, "head", "strong"),
     ("assoc_scan", 63, 60, 16, "head", "weak"),
     ("chunk", 500, 128, 64, "head", "mixed"),
-    ("chunk", 500, 60, 32, "head", "strong"),
     ("parallel", 500, 60, 64, "head", "weak"),
 ]
 
