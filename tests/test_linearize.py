@@ -119,3 +119,9 @@ def test_experiment_configs_run_on_a_tiny_model(exp):
   assert np.isfinite(res["ppl"]) and 0 <= res["top1"] <= 1
   assert res["tokens"] == (cfg.stage1.steps + cfg.stage2.steps) * 32
   assert student.config.mixers[0] == cfg.mixer
+
+
+def test_top_level_linearize_is_callable_after_the_package_is_imported():
+  import linjax.linearize  # noqa: F401  (binds the attribute to the package)
+  model = linjax.linearize(tiny_llama(layers=1), mixer="gla")
+  assert model.config.mixers == ("gla",)

@@ -98,3 +98,17 @@ def set_distill(model, kind):
 
 
 __all__ = ["linearize", "linear_mixers", "set_mode", "set_distill"]
+
+
+# `linjax.linearize` is both this package and the function: once the package is imported,
+# Python binds the attribute `linjax.linearize` to the module, so the module is callable.
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+  def __call__(self, *args, **kwargs):
+    return linearize(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
