@@ -11,7 +11,7 @@ so the sequential pass is gla.state_pass with `w` (it also writes v_new) and the
 gla.output with v_new in place of v: the same Pallas kernels, GPU and TPU lowerings.
 
 Forward: Pallas kernels (state pass + output); the triangular inverse is a batched
-`solve_triangular` in jnp (fp32) before them.
+block inversion in jnp (fp32, `_common.inv_unit_lower`) before them.
 BACKWARD: NOT a Pallas kernel yet. The custom_vjp recomputes the forward with the jnp chunk
 math below (`_delta_jnp`, lax.scan over chunks) and differentiates that with jax.vjp. Correct
 (tested against reference.py) but slower than a fused backward kernel would be.
@@ -48,9 +48,7 @@ def _wy(k, v, beta, g, C, H):
   kk = jnp.einsum("bnhia,bnhja->bnhij", kc, kc)
   decay = jnp.exp(jnp.where(strict, b[..., :, None] - b[..., None, :], -jnp.inf))
   Lm = bc[..., :, None] * kk * decay
-  eye = jnp.eye(C, dtype=f32)
-  T = jax.scipy.linalg.solve_triangular(eye + Lm, jnp.broadcast_to(eye, Lm.shape), lower=True,
-                                        unit_diagonal=True)
+  T = cm.inv_unit_lower(Lm)
   u = T @ (bc[..., None] * vc)
   w = T @ ((bc * jnp.exp(b))[..., None] * kc)
   return kc, w, u, b
