@@ -79,17 +79,14 @@ def _linear_inputs(B, T, H, K, V, N):
 FAMILIES = ("linear", "scalar_gate", "channel_gate", "normalized", "delta", "gated_delta")
 
 
-# jaxlib's CPU triangular solve (LAPACK FFI, used by the delta rule's chunk method) runs its
-# batch on the shared intra-op pool and deadlocks when 8 fake devices call it at once, so
-# the multi-device tests run the delta rule with method="recurrent" (the LASP-2 code path is
-# the same for every method).
-DELTA_METHOD = "recurrent"
+# The delta rule's chunk method once used jaxlib's CPU triangular solve (LAPACK), which
+# deadlocked when 8 fake devices called it at once; it now inverts its UT block with matmuls
+# (`linjax.ops._common.inv_unit_lower`), so the delta rule runs the same methods as the rest.
 
 
 def _linear_losses(f, a, do, dS, **kw):
   """Per family: sum(o * do) + sum(S_T * dS) (cotangents for every output), plus outputs."""
-  dkw = dict(kw, method=DELTA_METHOD)
-  dkw.pop("chunk_size", None)
+  dkw = dict(kw)
   calls = {
       "linear": lambda: f.gla(a["q"], a["k"], a["v"], None, **kw),
       "scalar_gate": lambda: f.gla(a["q"], a["k"], a["v"], a["gh"], **kw),
@@ -302,10 +299,6 @@ def worker_llama_step():
   from linjax.train import trainer
   from linjax.train.config import base_config
 
-  from linjax.layers import linear_mixers
-  call_op = linear_mixers.call_op   # delta rule: see DELTA_METHOD
-  linear_mixers.call_op = lambda name, *a, **kw: call_op(
-      name, *a, **(dict(kw, method=DELTA_METHOD) if name == "delta_rule" else kw))
   traced = []
   orig = sp._shard_map
   sp._shard_map = lambda fn, mesh, i, o: traced.append(fn) or orig(fn, mesh, i, o)
