@@ -168,7 +168,7 @@ def test_methods_constant():
 @pytest.mark.parametrize("C", [1, 16, 37, 64])
 def test_inv_unit_lower_matches_numpy_inverse(C):
   """The UT-transform inverse used by the delta rule (no LAPACK solve; see _common.py)."""
-  from linjax.ops._common import inv_unit_lower
+  from pallas_kernels._common import inv_unit_lower
   L = jnp.tril(jax.random.normal(jax.random.key(C), (2, C, C)) * 0.3, -1)
   ref = np.linalg.inv(np.eye(C) + np.asarray(L, np.float64))
   assert rel_err(ref, inv_unit_lower(L)) < 1e-6

@@ -81,7 +81,7 @@ FAMILIES = ("linear", "scalar_gate", "channel_gate", "normalized", "delta", "gat
 
 # The delta rule's chunk method once used jaxlib's CPU triangular solve (LAPACK), which
 # deadlocked when 8 fake devices called it at once; it now inverts its UT block with matmuls
-# (`linjax.ops._common.inv_unit_lower`), so the delta rule runs the same methods as the rest.
+# (`pallas_kernels._common.inv_unit_lower`), so the delta rule runs the same methods as the rest.
 
 
 def _linear_losses(f, a, do, dS, **kw):

@@ -63,33 +63,3 @@ def masked_exp(x, mask):
   """exp(x) where `mask`, 0 elsewhere; the mask is applied before the exp, so positive
   entries outside the mask are never exponentiated (and give no NaN gradients)."""
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
-
-
-def inv_unit_lower(L):
-  """(I + L)^-1 for strictly lower-triangular L [..., C, C], in float32.
-
-  Recursive 2x2 block inversion, [[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]:
-  matmuls only, log2(C) levels, differentiable by plain autodiff. It replaces LAPACK's
-  triangular solve, which deadlocks in jaxlib's CPU thread pool when several devices of one
-  process call it at once (seen with 8 fake CPU devices).
-  """
-  shape = L.shape
-  C = shape[-1]
-  return _inv_unit_lower(L.astype(jnp.float32).reshape(-1, C, C)).reshape(shape)
-
-
-def _inv_unit_lower(L):
-  """L: [N, C, C]; the batch stays one flat axis (deep batch ranks crash XLA:CPU's dot)."""
-  N, C = L.shape[0], L.shape[-1]
-  if C == 1:
-    return jnp.ones_like(L)
-  h = C // 2
-  A, B, D = L[:, :h, :h], L[:, h:, :h], L[:, h:, h:]
-  if C - h == h:  # invert both diagonal blocks in one batched call
-    both = _inv_unit_lower(jnp.concatenate([A, D], axis=0))
-    Ai, Di = both[:N], both[N:]
-  else:
-    Ai, Di = _inv_unit_lower(A), _inv_unit_lower(D)
-  low = -jnp.matmul(Di, jnp.matmul(B, Ai, precision="highest"), precision="highest")
-  top = jnp.concatenate([Ai, jnp.zeros((N, h, C - h), L.dtype)], -1)
-  return jnp.concatenate([top, jnp.concatenate([low, Di], -1)], -2)

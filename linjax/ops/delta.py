@@ -29,8 +29,7 @@ from jax import lax
 
 from linjax.ops import varlen
 from linjax.ops._checks import check_rank
-from linjax.ops._common import (F32, METHODS, dot, inv_unit_lower, masked_exp, pad_time,
-                                pallas_kernel, resolve_method)
+from linjax.ops._common import F32, METHODS, dot, masked_exp, pad_time, pallas_kernel, resolve_method
 from linjax.ops.gla import SUB_CHUNK, _check_inputs, segsum, suffix_sum
 
 
@@ -178,6 +177,9 @@ def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter):
     e_last = jnp.exp(suffix_sum(gb, -1))
   kf = k.astype(F32)
   rhs = jnp.concatenate([(beta * eb)[..., None] * kf, beta[..., None] * v.astype(F32)], -1)
+  # One copy of the UT inverse serves the jnp and Pallas paths; imported here (trace time) so
+  # `import linjax.ops` does not load Pallas.
+  from pallas_kernels._common import inv_unit_lower
   sol = dot("...ij,...jn->...in", inv_unit_lower(L), rhs)
   W, U0 = sol[..., :K], sol[..., K:]                       # [B,H,n,C,K], [B,H,n,C,V]
   q_dec = q.astype(F32) * eb[..., None]
