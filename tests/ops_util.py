@@ -115,3 +115,17 @@ def case(op, seed, B, T, H, K, V, gate, strength, dtype_name="float32", h0=True)
                        delta=(op == "delta_rule"), h0=h0, dtype=dtype)
   do, dS = cotangents(seed, (B, T, H, V), (B, H, K, V))
   return inputs, (do, dS), reference_run(op, inputs, do, dS)
+
+
+def packed_segment_ids(B, T):
+  """[B, T] segment ids of packed rows: boundaries inside and on chunk edges (16, 32), a
+  segment spanning several chunks, an id that returns after another (3, 4, 3), a one-token
+  segment, trailing padding (id 0) and a row with no boundary."""
+  seg = np.zeros((B, T), np.int32)
+  cuts = [[0, 5, 16, 50, 51, T - 6], [0, 32, 40, T], [0, T]]
+  ids = [[1, 2, 3, 4, 5, 0], [3, 4, 3], [7]]
+  for b in range(B):
+    c, i = cuts[b % 3], ids[b % 3]
+    for s, e, v in zip(c[:-1], c[1:], i):
+      seg[b, s:e] = v
+  return jnp.asarray(seg)

@@ -159,6 +159,7 @@ def worker_linear():
 def worker_varlen():
   _setup()
   import jax.numpy as jnp
+  import numpy as np
   from linjax import parallel
   T, H, K, V = 64, 2, 8, 6
   # boundaries inside shards, on a shard start (48), an empty sequence, and (seq=8: shards
@@ -172,6 +173,27 @@ def worker_varlen():
   for data, seq in ((2, 4), (1, 8)):
     mesh = parallel.make_mesh(data=data, seq=seq)
     _compare_linear(mesh, a, do, dS, kw, f"varlen data={data} seq={seq}", reference)
+  # [B, T] packed rows (the trainer's segment_ids): boundaries inside shards and on a shard
+  # start (16, 32), a segment running through whole shards (row 0: 20..47), an id that
+  # comes back after another (row 1: 3, 4, 3), trailing padding (id 0), one row without a
+  # boundary at all (row 2).
+  B = 4
+  seg = np.zeros((B, T), np.int32)
+  seg[0, :5], seg[0, 5:20], seg[0, 20:48], seg[0, 48:60] = 1, 2, 3, 4
+  seg[1, :16], seg[1, 16:32], seg[1, 32:41], seg[1, 41:] = 3, 4, 3, 5
+  seg[2] = 7
+  seg[3, :9], seg[3, 9:10], seg[3, 10:33] = 1, 2, 3
+  a = _linear_inputs(B, T, H, K, V, B)
+  do, dS = posenc((B, T, H, V), 11), posenc((B, H, K, V), 12)
+  seg = jnp.asarray(seg)
+  reference = _reference(a, do, dS, dict(method="recurrent", segment_ids=seg))
+  for data, seq, method in ((2, 4, "chunk"), (1, 8, "recurrent"), (4, 2, "assoc_scan")):
+    mesh = parallel.make_mesh(data=data, seq=seq)
+    kw = dict(method=method, segment_ids=seg)
+    if method != "recurrent":
+      kw["chunk_size"] = 4
+    _compare_linear(mesh, a, do, dS, kw, f"segment_ids data={data} seq={seq} {method}",
+                    reference)
   print("VARLEN OK")
 
 
@@ -252,6 +274,9 @@ def worker_attention_hlo():
   mesh = parallel.make_mesh(data=2, seq=4)
   sh = NamedSharding(mesh, P("data", "seq"))
 
+  def packed_ids(T):  # documents of 100 tokens, as the trainer's packing makes them
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 100 + 1, (2, T))
+
   def hlo(fn, T, nargs=5):
     H, K = 2, 16
     x = jax.ShapeDtypeStruct((2, T, H, K), jnp.float32, sharding=sh)
@@ -264,6 +289,11 @@ def worker_attention_hlo():
       "gla_scalar_gate": lambda q, k, v, g, b: sp.gla(q, k, v, b, method="chunk")[0],
       "delta_rule": lambda q, k, v, g, b: sp.delta_rule(q, k, v, jax.nn.sigmoid(b),
                                                         method="chunk")[0],
+      # packed rows: the shards' first / last segment ids ride in the same all-gather
+      "gla_scalar_gate_packed": lambda q, k, v, g, b: sp.gla(
+          q, k, v, b, method="chunk", segment_ids=packed_ids(q.shape[1]))[0],
+      "delta_rule_packed": lambda q, k, v, g, b: sp.delta_rule(
+          q, k, v, jax.nn.sigmoid(b), method="chunk", segment_ids=packed_ids(q.shape[1]))[0],
   }
   for name, fn in layers.items():
     sizes = []
@@ -314,7 +344,15 @@ def worker_llama_step():
            "loss_mask": np.ones((B, T), np.float32),
            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
 
-  def one_step(mesh):
+  # packed rows: documents of 11, 5 and 16 tokens (positions restart), one row unpacked
+  seg = np.ones((B, T), np.int32)
+  seg[:2, 11:16], seg[:2, 16:] = 2, 3
+  seg[3, 20:] = 2
+  pos_packed = np.concatenate([np.arange(11), np.arange(5), np.arange(16)]).astype(np.int32)
+  packed = dict(batch, segment_ids=seg, positions=np.stack([pos_packed] * 2 + [
+      np.arange(T, dtype=np.int32), np.r_[np.arange(20), np.arange(12)].astype(np.int32)]))
+
+  def one_step(mesh, batch=batch):
     model = parallel.create_sharded(
         lambda: Llama(LlamaConfig(**lc), rngs=nnx.Rngs(params=0)), mesh)
     tx, schedule = optim_lib.make_optimizer(cfg.optim, 10)
@@ -326,15 +364,26 @@ def worker_llama_step():
     step = trainer.make_train_step(graphdef, nnx.Param, cfg, schedule, state_sh,
                                    {k: bsh for k in list(batch) + ["segment_ids"]})
     gb = parallel.host_local_to_global(batch, mesh)
-    gb["segment_ids"] = None        # one document per row: every layer takes the SP path
+    gb.setdefault("segment_ids", None)   # one document per row
     with parallel.use_mesh(mesh):
       return step(state, gb, jax.random.key(0), jnp.asarray(0, jnp.int32))
 
-  s1, m1 = one_step(parallel.make_mesh(data=1, devices=jax.devices()[:1]))
-  assert not traced
+  single = parallel.make_mesh(data=1, devices=jax.devices()[:1])
   mesh = parallel.make_mesh(data=2, fsdp=2, seq=2)
-  s2, m2 = one_step(mesh)
-  assert len(traced) >= 4, f"expected 4 sequence-parallel layers, traced {len(traced)}"
+  for label, b in (("one document per row", batch), ("packed rows", packed)):
+    traced.clear()
+    s1, m1 = one_step(single, b)
+    assert not traced
+    s2, m2 = one_step(mesh, b)
+    # every layer (GLA, softmax, DeltaNet, sliding window) takes the sequence-parallel path
+    assert len(traced) >= 4, f"{label}: expected 4 sequence-parallel layers, traced {len(traced)}"
+    _compare_step(label, s1, m1, s2, m2, len(traced))
+  print("LLAMA STEP OK")
+
+
+def _compare_step(label, s1, m1, s2, m2, n_traced):
+  import jax
+  import jax.numpy as jnp
   leaves2 = jax.tree.leaves(s2)
   assert any("fsdp" in str(getattr(x, "sharding", "")) for x in leaves2)
   for k in m1:
@@ -346,9 +395,8 @@ def worker_llama_step():
       e = rel(a, b)
       worst = max(worst, e)
       assert e <= TOL, f"state leaf {a.shape}: rel err {e:.2e}"
-  print(f"llama step: loss {float(m1['loss']):.6f} vs {float(m2['loss']):.6f}, worst param / "
-        f"optimizer-state rel err {worst:.1e}, {len(traced)} shard_map layers")
-  print("LLAMA STEP OK")
+  print(f"llama step ({label}): loss {float(m1['loss']):.6f} vs {float(m2['loss']):.6f}, worst "
+        f"param / optimizer-state rel err {worst:.1e}, {n_traced} shard_map layers")
 
 
 if __name__ == "__main__":

@@ -115,8 +115,10 @@ class LolcatsAttention(DistillMixin, QKVO):
     return rotary(q, positions, self.config), rotary(k, positions, self.config), v
 
   # --- full-sequence forms ----------------------------------------------------------------
-  def _chunk(self, params, q, k, v):
-    """Blocked window attention + linear part; positions are arange(T), no segments."""
+  def _chunk(self, params, q, k, v, seg=None):
+    """Blocked window attention + linear part. The window is by token index, which is the
+    position distance inside a segment (packed rows restart positions per document); with
+    `seg` ("sw" only) both parts see only their own segment."""
     B, T, H, D = q.shape
     W = self.window
     f32 = jnp.float32
@@ -135,17 +137,25 @@ class LolcatsAttention(DistillMixin, QKVO):
     j = (jnp.arange(nb)[:, None] - 1) * W + jnp.arange(2 * W)[None, :]  # [nb, 2W]
     ok = (j[:, None, :] >= 0) & (j[:, None, :] <= i[:, :, None]) & (j[:, None, :] < T)
     ok &= in_window(i[:, :, None], j[:, None, :], W, self.variant)      # [nb, W, 2W]
+    ok = ok[None]
+    if seg is not None:
+      sb = padt(seg).reshape(B, nb, W)
+      ok = ok & (sb[..., :, None] == jnp.concatenate([prev(sb), sb], 2)[..., None, :])
+    ok = ok[:, :, None]                                                # [B|1, nb, 1, W, 2W]
     s = jnp.einsum("bnihd,bnjhd->bnhij", qb, k2) * self.head_dim ** -0.5
-    s = jnp.where(ok[None, :, None], s, NEG)
+    s = jnp.where(ok, s, NEG)
     m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
-    a = jnp.where(ok[None, :, None], jnp.exp(s - m), 0.0) * wf[None, None, :, None, None]
+    a = jnp.where(ok, jnp.exp(s - m), 0.0) * wf[None, None, :, None, None]
     num_sm = jnp.einsum("bnhij,bnjhv->bnihv", a, v2).reshape(B, nb * W, H, -1)[:, :T]
     den_sm = a.sum(-1).transpose(0, 1, 3, 2).reshape(B, nb * W, H)[:, :T]
     vaug = jnp.concatenate([v.astype(f32), jnp.ones(v.shape[:3] + (1,), f32)], -1)
     if self.variant == "sw":
       if T > W:
         fq_shift = jnp.concatenate([fq[:, W:], jnp.zeros_like(fq[:, :W])], 1)
-        o, _ = call_op("gla", fq_shift, fk, vaug, None, scale=1.0)
+        if seg is not None:  # query t + W reads the state after key t of its own segment
+          same = jnp.concatenate([seg[:, W:] == seg[:, :-W], jnp.zeros_like(seg[:, :W], bool)], 1)
+          fq_shift = jnp.where(same[:, :, None, None], fq_shift, 0.0)
+        o, _ = call_op("gla", fq_shift, fk, vaug, None, scale=1.0, segment_ids=seg)
         lin = jnp.concatenate([jnp.zeros_like(o[:, :W]), o[:, : T - W]], 1).astype(f32)
       else:
         lin = jnp.zeros(v.shape[:3] + (v.shape[-1] + 1,), f32)
@@ -224,8 +234,8 @@ class LolcatsAttention(DistillMixin, QKVO):
       return self._cached(params, q, k, v, positions, upd, cache)
     rep = self.num_heads // self.num_kv_heads
     kr, vr = repeat_kv(k, rep), repeat_kv(v, rep)
-    if self.mode == "chunk" and segment_ids is None:
-      return self._chunk(params, q, kr, vr), None
+    if self.mode == "chunk" and (segment_ids is None or self.variant == "sw"):
+      return self._chunk(params, q, kr, vr, segment_ids), None
     if self.mode == "recurrent":
       # per-token decode step over fresh caches, one per segment run
       B = x.shape[0]
@@ -284,14 +294,14 @@ class LigerAttention(QKVO):
     B, T = x.shape[:2]
     W, rep = self.window, self.num_heads // self.num_kv_heads
     if cache is None:
-      if segment_ids is not None or self.mode == "recurrent":
+      if self.mode == "recurrent":
         reset = None
         if segment_ids is not None:
           reset = jnp.concatenate([jnp.zeros((B, 1), bool),
                                    segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
         o_lin, _ = recurrent_scan(fq, fk, vr, g, None, scale=1.0, reset=reset)
       else:
-        o_lin, _ = call_op("gla", fq, fk, vr, g, scale=1.0)
+        o_lin, _ = call_op("gla", fq, fk, vr, g, scale=1.0, segment_ids=segment_ids)
       o_sw = call_op("attention", qr, kr, v, causal=True, window=W, segment_ids=segment_ids,
                      q_positions=positions, kv_positions=positions)
       return self.mix * o_sw.astype(jnp.float32) + (1 - self.mix) * o_lin.astype(jnp.float32), None

@@ -9,9 +9,9 @@ copies weights by name), adds only `FeatureMapParam`s, and runs the recurrence
 
 in one of three modes that agree (`mixer.mode`):
 
-  "quadratic"  the masked T x T form (attention weights exist: distillation, packed segments)
+  "quadratic"  the masked T x T form (attention weights exist: distillation)
   "chunk"      `linjax.parallel.sequence.gla / delta_rule` (LASP-2 under a `seq` mesh, else
-               `linjax.ops`): training
+               `linjax.ops`): training, packed rows (`segment_ids`) included
   "recurrent"  a token-by-token `lax.scan` of the decode step
 
 Decoding (`cache` given) keeps an O(1) state per layer: `{"state": [B, H, F, V(+1)] f32}`.
@@ -348,8 +348,6 @@ class LinearMixerBase(QKVO):
 
     mode = self.mode
     quad_ok = beta is None and (g is None or g.ndim == 3)
-    if segment_ids is not None and mode == "chunk":
-      mode = "quadratic" if quad_ok else "recurrent"   # exact segment resets
     if mode == "quadratic" and not quad_ok:
       mode = "recurrent"
     if mode == "quadratic":
@@ -359,10 +357,10 @@ class LinearMixerBase(QKVO):
       if segment_ids is not None:
         reset = jnp.concatenate([jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
       o, _ = recurrent_scan(qf, kf, v, g, beta, scale=self.scale, reset=reset)
-    elif self.delta:
-      o, _ = call_op("delta_rule", qf, kf, v, beta, g, scale=self.scale)
+    elif self.delta:  # packed rows reset the state per segment inside the op (and LASP-2)
+      o, _ = call_op("delta_rule", qf, kf, v, beta, g, scale=self.scale, segment_ids=segment_ids)
     else:
-      o, _ = call_op("gla", qf, kf, v, g, scale=self.scale)
+      o, _ = call_op("gla", qf, kf, v, g, scale=self.scale, segment_ids=segment_ids)
     return self.post(o.astype(jnp.float32)), None
 
   def __call__(self, x, *, positions, segment_ids=None, cache=None):

@@ -63,3 +63,50 @@ def masked_exp(x, mask):
   """exp(x) where `mask`, 0 elsewhere; the mask is applied before the exp, so positive
   entries outside the mask are never exponentiated (and give no NaN gradients)."""
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
+
+
+# ------------------------------------------------------------------ packed segments
+
+def check_segment_ids(segment_ids, B, T, cu_seqlens, method):
+  """Validate `segment_ids` ([B, T] int) and return the method to run them with."""
+  if segment_ids is None:
+    return method
+  if cu_seqlens is not None:
+    raise ValueError("pass either `cu_seqlens` (B = 1 packing) or `segment_ids` ([B, T] "
+                     "packing), not both")
+  if getattr(segment_ids, "shape", None) != (B, T):
+    raise ValueError(f"`segment_ids` must have shape [B, T] = {(B, T)}, got "
+                     f"{getattr(segment_ids, 'shape', None)}")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"`segment_ids` must be an integer array, got dtype {segment_ids.dtype}")
+  if method == "pallas":
+    raise NotImplementedError(
+        "method='pallas' does not take `segment_ids` yet: use method='chunk' (what 'auto' "
+        "picks for segment_ids), or pack with `cu_seqlens` at B = 1")
+  return "chunk" if method == "auto" else method
+
+
+def segment_runs(segment_ids):
+  """[B, T] run index: 0 for the first segment of a row, +1 wherever the id changes."""
+  seg = jnp.asarray(segment_ids)
+  new = seg[:, 1:] != seg[:, :-1]
+  return jnp.concatenate([jnp.zeros(seg.shape[:1] + (1,), jnp.int32),
+                          jnp.cumsum(new, axis=1, dtype=jnp.int32)], axis=1)
+
+
+def chunk_segment_masks(runs, C):
+  """Masks for the chunkwise forms of a packed row, runs [B, T] -> (each [B, 1, n, ...]):
+
+    same    [.., C, C]  tokens i, j of a chunk are in the same segment
+    carry   [.., C]     token i is in the segment the state entering its chunk belongs to
+                        (chunk 0: the row's first segment, which `initial_state` feeds)
+    last    [.., C]     token j is in the chunk's last segment (it reaches the state leaving it)
+    through [..]        the chunk holds no boundary and continues the entering segment, so
+                        the entering state decays through it
+  """
+  B, T = runs.shape
+  runs = jnp.pad(runs, ((0, 0), (0, (-T) % C)), mode="edge")  # padding joins the last run
+  rb = runs.reshape(B, 1, -1, C)
+  enter = jnp.concatenate([rb[..., :1, 0], rb[..., :-1, -1]], axis=-1)   # [B, 1, n]
+  return dict(same=rb[..., :, None] == rb[..., None, :], carry=rb == enter[..., None],
+              last=rb == rb[..., -1:], through=rb[..., -1] == enter)

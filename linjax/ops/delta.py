@@ -18,6 +18,11 @@ and U0 = T diag(beta) V:  U = U0 - W S0,
 "chunk" runs S_end = M S0 + Hc (through U) with lax.scan over chunks; "assoc_scan" composes
 the affine maps (M, Hc) with jax.lax.associative_scan (K x K transitions); "parallel" is the
 same with one chunk of length T. Every exp is of a number <= 0.
+
+Packed rows (`segment_ids`): L and the scores are masked to same-segment pairs (so T is
+block diagonal by segment), only tokens of the segment the entering state belongs to see
+S0 (their rows of W and q exp(b)), only the chunk's last segment writes the leaving state,
+and exp(b_C) S0 is dropped from it when the chunk holds a boundary.
 """
 from __future__ import annotations
 
@@ -29,19 +34,21 @@ from jax import lax
 
 from linjax.ops import varlen
 from linjax.ops._checks import check_rank
-from linjax.ops._common import F32, METHODS, dot, masked_exp, pad_time, pallas_kernel, resolve_method
-from linjax.ops.gla import SUB_CHUNK, _check_inputs, segsum, suffix_sum
+from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
+                                masked_exp, pad_time, pallas_kernel, resolve_method,
+                                segment_runs)
+from linjax.ops.gla import SUB_CHUNK, _check_inputs, resets, segsum, suffix_sum
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
                output_final_state=False, cu_seqlens=None, method="auto", chunk_size=64,
-               max_seqlen=None):
+               max_seqlen=None, segment_ids=None):
   """(Gated) delta rule. Returns (o [B, T, H, V] in v's dtype, final_state or None).
 
   Args:
     q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 2) for negative eigenvalues).
     g: None or [B, T, H] log decay (<= 0): gated DeltaNet.
-    Other arguments as `linjax.ops.gla`.
+    Other arguments (segment_ids included) as `linjax.ops.gla`.
   """
   L = _check_inputs(q, k, v, None, initial_state, cu_seqlens, chunk_size, False, max_seqlen)
   B, T, H, K = q.shape
@@ -57,6 +64,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     if not jnp.issubdtype(g.dtype, jnp.floating):
       raise ValueError(f"`g` must be a floating array (log decay <= 0), got {g.dtype}")
   scale = K ** -0.5 if scale is None else scale
+  method = check_segment_ids(segment_ids, B, T, cu_seqlens, method)
   method = resolve_method(method, "delta_rule_chunk")
   if method == "pallas":
     o, S = pallas_kernel("delta_rule_chunk")(
@@ -64,7 +72,9 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
         interpret=jax.default_backend() == "cpu")
   else:
-    run = functools.partial(_delta_dense, scale=scale, method=method, chunk_size=chunk_size)
+    runs = None if segment_ids is None else segment_runs(segment_ids)
+    run = functools.partial(_delta_dense, scale=scale, method=method, chunk_size=chunk_size,
+                            runs=runs)
     if cu_seqlens is None:
       o, S = run(q, k, v, beta, g, initial_state)
     else:
@@ -119,34 +129,37 @@ def _delta_token(S, kt, vt, bt, gt):
 
 # ----------------------------------------------------------------------------- dense methods
 
-def _delta_dense(q, k, v, beta, g, h0, *, scale, method, chunk_size):
+def _delta_dense(q, k, v, beta, g, h0, *, scale, method, chunk_size, runs=None):
   B, T, H, K = q.shape
   V = v.shape[-1]
   h0 = jnp.zeros((B, H, K, V), F32) if h0 is None else h0.astype(F32)
   if method == "recurrent":
-    return _delta_recurrent(q, k, v, beta, g, h0, scale)
+    return _delta_recurrent(q, k, v, beta, g, h0, scale, runs)
   if method == "parallel":
     C = max(T + (-T) % SUB_CHUNK, SUB_CHUNK)
-    return _delta_chunked(q, k, v, beta, g, h0, scale, C, "none")
+    return _delta_chunked(q, k, v, beta, g, h0, scale, C, "none", runs)
   if method in ("chunk", "assoc_scan"):
     return _delta_chunked(q, k, v, beta, g, h0, scale, chunk_size,
-                          "scan" if method == "chunk" else "assoc")
+                          "scan" if method == "chunk" else "assoc", runs)
   raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
 
 
-def _delta_recurrent(q, k, v, beta, g, h0, scale):
+def _delta_recurrent(q, k, v, beta, g, h0, scale, runs=None):
   tm = lambda x: None if x is None else jnp.moveaxis(x.astype(F32), 1, 0)
+  new = None if runs is None else jnp.moveaxis(resets(runs), 1, 0)
 
   def body(S, xs):
-    qt, kt, vt, bt, gt = xs
+    qt, kt, vt, bt, gt, rt = xs
+    if rt is not None:
+      S = jnp.where(rt[:, None, None, None], 0.0, S)
     S = _delta_token(S, kt, vt, bt, gt)
     return S, scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
 
-  S, o = lax.scan(body, h0, (tm(q), tm(k), tm(v), tm(beta), tm(g)))
+  S, o = lax.scan(body, h0, (tm(q), tm(k), tm(v), tm(beta), tm(g), new))
   return jnp.moveaxis(o, 0, 1), S
 
 
-def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter):
+def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter, runs=None):
   B, T, H, K = q.shape
   V = v.shape[-1]
   q, k, v, beta, g = (pad_time(x, C) for x in (q, k, v, beta, g))
@@ -158,6 +171,9 @@ def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter):
   cdt = q.dtype
   causal = jnp.tril(jnp.ones((C, C), bool))
   strict = jnp.tril(jnp.ones((C, C), bool), -1)
+  sm = None if runs is None else chunk_segment_masks(runs, C)
+  if sm is not None:
+    causal, strict = causal & sm["same"], strict & sm["same"]
 
   kk = dot("bhnik,bhnjk->bhnij", k, k)
   qk = dot("bhnik,bhnjk->bhnij", q, k)
@@ -176,6 +192,9 @@ def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter):
     eb = jnp.exp(b)
     e_last = jnp.exp(suffix_sum(gb, -1))
   kf = k.astype(F32)
+  if sm is not None:  # packed rows: see the module docstring
+    eb = jnp.where(sm["carry"], eb, 0.0)
+    e_last = jnp.where(sm["last"], e_last, 0.0)
   rhs = jnp.concatenate([(beta * eb)[..., None] * kf, beta[..., None] * v.astype(F32)], -1)
   # One copy of the UT inverse serves the jnp and Pallas paths; imported here (trace time) so
   # `import linjax.ops` does not load Pallas.
@@ -185,6 +204,8 @@ def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter):
   q_dec = q.astype(F32) * eb[..., None]
   k_dec = kf * e_last[..., None]
   a_last = jnp.exp(b[..., -1]) if b is not None else jnp.ones(beta.shape[:-1], F32)
+  if sm is not None:
+    a_last = jnp.where(sm["through"], a_last, 0.0)
 
   def outputs(S0, W, U0, Aq, q_dec, k_dec, a):
     U = U0 - dot("...ck,...kv->...cv", W, S0)

@@ -22,6 +22,11 @@ at the token p just before the query sub-chunk (both factors <= 1), diagonal blo
 masked [16, 16, K] decay directly. Odd lengths are padded inside (k = v = g = 0 leaves the
 state unchanged) and never visible outside.
 
+Packed rows (`segment_ids` [B, T]): the state resets wherever the id changes. The chunk forms
+mask the intra-chunk scores to same-segment pairs, feed the entering state only to the
+chunk's tokens still in its segment, let only the chunk's last segment reach the state
+leaving it, and cut the decay through a chunk that holds a boundary.
+
 normalize=True (for positive feature maps) divides by the running key-sum denominator
 scale * q_t z_t, z_t = exp(g_t) z_{t-1} + k_t. It is computed by running the op on v with a
 column of ones appended: the state is then [B, H, K, V + 1] and its last column is z. Pass
@@ -37,7 +42,9 @@ from jax import lax
 
 from linjax.ops import varlen
 from linjax.ops._checks import check_rank
-from linjax.ops._common import F32, METHODS, dot, masked_exp, pad_time, pallas_kernel, resolve_method
+from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
+                                masked_exp, pad_time, pallas_kernel, resolve_method,
+                                segment_runs)
 
 SUB_CHUNK = 16
 
@@ -88,7 +95,7 @@ def _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size, normalize, 
 
 def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False,
         cu_seqlens=None, method="auto", chunk_size=64, normalize=False, max_seqlen=None,
-        eps=1e-6):
+        eps=1e-6, segment_ids=None):
   """Gated linear attention. Returns (o [B, T, H, V] in v's dtype, final_state or None).
 
   Args:
@@ -102,11 +109,15 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=F
     normalize: divide by the decayed key-sum denominator (positive feature maps only).
     max_seqlen: longest packed sequence (default: computed from concrete cu_seqlens, else T).
     eps: added to the normalize denominator.
+    segment_ids: [B, T] int ids of documents packed in each row (padding may use its own
+      id); the state resets wherever the id changes. `initial_state` feeds each row's first
+      segment; the final state is its last segment's.
   """
   L = _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size, normalize, max_seqlen,
                     extra_v=1 if normalize else 0)
   K = q.shape[-1]
   scale = K ** -0.5 if scale is None else scale
+  method = check_segment_ids(segment_ids, *q.shape[:2], cu_seqlens, method)
   method = resolve_method(method, "gla_chunk")
   out_dtype = v.dtype
   V = v.shape[-1]
@@ -120,7 +131,9 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=F
         interpret=jax.default_backend() == "cpu")
     o = o.astype(F32)
   else:
-    run = functools.partial(_gla_dense, scale=scale, method=method, chunk_size=chunk_size)
+    runs = None if segment_ids is None else segment_runs(segment_ids)
+    run = functools.partial(_gla_dense, scale=scale, method=method, chunk_size=chunk_size,
+                            runs=runs)
     if cu_seqlens is None:
       o, S = run(q, k, v, g, initial_state)
     else:
@@ -182,40 +195,49 @@ def gla_step(state, q, k, v, g=None, *, scale=None, normalize=False, eps=1e-6):
 
 # ----------------------------------------------------------------------------- dense methods
 
-def _gla_dense(q, k, v, g, h0, *, scale, method, chunk_size):
-  """Dense batch (no cu_seqlens). Returns (o float32, final state float32)."""
+def _gla_dense(q, k, v, g, h0, *, scale, method, chunk_size, runs=None):
+  """Dense batch (no cu_seqlens; runs = segment_runs(segment_ids) or None).
+  Returns (o float32, final state float32)."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   h0 = jnp.zeros((B, H, K, V), F32) if h0 is None else h0.astype(F32)
   if method == "recurrent":
-    return _gla_recurrent(q, k, v, g, h0, scale)
+    return _gla_recurrent(q, k, v, g, h0, scale, runs)
   if method == "parallel":
     C = max(T + (-T) % SUB_CHUNK, SUB_CHUNK)
-    return _gla_chunked(q, k, v, g, h0, scale, C, "none")
+    return _gla_chunked(q, k, v, g, h0, scale, C, "none", runs)
   if method in ("chunk", "assoc_scan"):
     return _gla_chunked(q, k, v, g, h0, scale, chunk_size,
-                        "scan" if method == "chunk" else "assoc")
+                        "scan" if method == "chunk" else "assoc", runs)
   raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
 
 
-def _gla_recurrent(q, k, v, g, h0, scale):
+def _gla_recurrent(q, k, v, g, h0, scale, runs=None):
   tm = lambda x: None if x is None else jnp.moveaxis(x.astype(F32), 1, 0)
+  new = None if runs is None else jnp.moveaxis(resets(runs), 1, 0)
 
   def body(S, xs):
-    qt, kt, vt, gt = xs                       # [B,H,K], [B,H,K], [B,H,V], None|[B,H]|[B,H,K]
+    qt, kt, vt, gt, rt = xs                   # [B,H,K], [B,H,K], [B,H,V], None|[B,H]|[B,H,K]
+    if rt is not None:
+      S = jnp.where(rt[:, None, None, None], 0.0, S)
     if gt is not None:
       decay = jnp.exp(gt)
       S = S * (decay[..., None, None] if decay.ndim == 2 else decay[..., None])
     S = S + kt[..., :, None] * vt[..., None, :]
     return S, scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
 
-  S, o = lax.scan(body, h0, (tm(q), tm(k), tm(v), tm(g)))
+  S, o = lax.scan(body, h0, (tm(q), tm(k), tm(v), tm(g), new))
   return jnp.moveaxis(o, 0, 1), S
 
 
-def _gla_chunked(q, k, v, g, h0, scale, C, inter):
+def resets(runs):
+  """[B, T] bool: the state resets before token t (a new segment starts there, t > 0)."""
+  return jnp.concatenate([jnp.zeros_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], 1)
+
+
+def _gla_chunked(q, k, v, g, h0, scale, C, inter, runs=None):
   """Chunkwise form. inter: 'scan' (lax.scan over chunks), 'assoc' (associative scan) or
-  'none' (a single chunk: the parallel form)."""
+  'none' (a single chunk: the parallel form). runs: segment runs [B, T] or None."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   q, k, v, g = (pad_time(x, C) for x in (q, k, v, g))
@@ -226,14 +248,16 @@ def _gla_chunked(q, k, v, g, h0, scale, C, inter):
   q, k, v = blk(q), blk(k), blk(v)
   cdt = q.dtype
   causal = jnp.tril(jnp.ones((C, C), bool))
+  sm = None if runs is None else chunk_segment_masks(runs, C)
+  vis = causal if sm is None else causal & sm["same"]
 
   if g is None:
-    A = jnp.where(causal, dot("bhnik,bhnjk->bhnij", q, k), 0.0)
+    A = jnp.where(vis, dot("bhnik,bhnjk->bhnij", q, k), 0.0)
     q_dec, k_dec, a = q, k, None
   elif g.ndim == 3:                                       # per head
     gb = blk(g).astype(F32)                               # [B,H,n,C]
     b = jnp.cumsum(gb, axis=-1)                           # chunk-local
-    A = dot("bhnik,bhnjk->bhnij", q, k) * masked_exp(segsum(gb), causal)
+    A = dot("bhnik,bhnjk->bhnij", q, k) * masked_exp(segsum(gb), vis)
     q_dec = (q * jnp.exp(b)[..., None]).astype(cdt)
     k_dec = (k * jnp.exp(suffix_sum(gb, -1))[..., None]).astype(cdt)
     a = jnp.exp(b[..., -1])[..., None, None]             # [B,H,n,1,1]
@@ -241,15 +265,21 @@ def _gla_chunked(q, k, v, g, h0, scale, C, inter):
     gb = blk(g).astype(F32)                               # [B,H,n,C,K]
     b = jnp.cumsum(gb, axis=-2)
     A = _intra_per_channel(q, k, gb, C)
+    if sm is not None:
+      A = jnp.where(sm["same"], A, 0.0)
     q_dec = (q * jnp.exp(b)).astype(cdt)
     k_dec = (k * jnp.exp(suffix_sum(gb, -2))).astype(cdt)
     a = jnp.exp(b[..., -1, :])[..., None]                # [B,H,n,K,1]
 
+  if a is None:
+    a = jnp.ones((1, 1, 1, 1, 1), F32)
+  if sm is not None:  # packed rows: see the module docstring
+    q_dec = jnp.where(sm["carry"][..., None], q_dec, 0)
+    k_dec = jnp.where(sm["last"][..., None], k_dec, 0)
+    a = jnp.where(sm["through"][..., None, None], a, 0.0)
   o_intra = dot("bhnij,bhnjv->bhniv", A.astype(cdt), v)
   Hc = dot("bhnjk,bhnjv->bhnkv", k_dec, v)                # chunk's own state contribution
 
-  if a is None:
-    a = jnp.ones((1, 1, 1, 1, 1), F32)
   S_start, S_final = _chunk_states(a, Hc, h0, inter)     # [B,H,n,K,V], [B,H,K,V]
   o = scale * (dot("bhnik,bhnkv->bhniv", q_dec, S_start.astype(cdt)) + o_intra)
   o = jnp.moveaxis(o, 1, 3).reshape(B, n * C, H, V)[:, :T]

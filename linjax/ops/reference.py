@@ -9,6 +9,9 @@ Conventions (flash-linear-attention's):
   beta (delta rule): [B, T, H].
   cu_seqlens: [N + 1] int offsets of N packed sequences along T (then B must be 1);
     initial_state / final_state are then [N, H, K, V] and the state resets at each start.
+  segment_ids: [B, T] int, packed documents in a padded batch: the state resets to zero
+    wherever the id changes along T; initial_state is the state before each row's first
+    segment and the final state is the state after its last.
 
   gla:        S_t = exp(g_t) * S_{t-1} + k_t^T v_t                         o_t = scale q_t S_t
   delta_rule: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t   o_t = scale q_t S_t
@@ -31,9 +34,12 @@ def _seq_layout(cu_seqlens, T):
   return seq_id, is_start, is_end
 
 
-def _scan(step, q, k, v, extra, initial_state, output_final_state, cu_seqlens):
+def _scan(step, q, k, v, extra, initial_state, output_final_state, cu_seqlens,
+          segment_ids=None):
   """Shared driver: runs `step(S, inputs_t) -> (S, o_t)` over T for every batch row."""
   B, T, H, K = q.shape
+  if segment_ids is not None and cu_seqlens is not None:
+    raise ValueError("pass either `cu_seqlens` or `segment_ids`, not both")
   V = v.shape[-1]
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
   q, k, v = f32(q), f32(k), f32(v)
@@ -50,12 +56,16 @@ def _scan(step, q, k, v, extra, initial_state, output_final_state, cu_seqlens):
     init = initial_state.astype(jnp.float32)
 
   if cu_seqlens is None:
-    def per_row(q, k, v, extra, s0):
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
+    new = jnp.concatenate([jnp.zeros((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+
+    def per_row(q, k, v, extra, s0, new):
       def body(S, xs):
-        return step(S, xs)
-      S, o = lax.scan(body, s0, (q, k, v, extra))
+        reset, xt = xs
+        return step(jnp.where(reset, 0.0, S), xt)
+      S, o = lax.scan(body, s0, (new, (q, k, v, extra)))
       return o, S
-    o, S = jax.vmap(per_row)(q, k, v, extra, init)
+    o, S = jax.vmap(per_row)(q, k, v, extra, init, new)
   else:
     seq_id, is_start, is_end = _seq_layout(cu_seqlens, T)
     def body(carry, xs):
@@ -72,7 +82,7 @@ def _scan(step, q, k, v, extra, initial_state, output_final_state, cu_seqlens):
 
 
 def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None):
+        cu_seqlens=None, segment_ids=None):
   """Gated linear attention, one token at a time. Returns (o [B,T,H,V] float32, state)."""
   K = q.shape[-1]
   scale = K ** -0.5 if scale is None else scale
@@ -85,11 +95,11 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=F
     S = S + kt[:, :, None] * vt[:, None, :]
     return S, scale * jnp.einsum("hk,hkv->hv", qt, S)
 
-  return _scan(step, q, k, v, g, initial_state, output_final_state, cu_seqlens)
+  return _scan(step, q, k, v, g, initial_state, output_final_state, cu_seqlens, segment_ids)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
-               output_final_state=False, cu_seqlens=None):
+               output_final_state=False, cu_seqlens=None, segment_ids=None):
   """(Gated) delta rule, one token at a time. Returns (o [B,T,H,V] float32, state)."""
   K = q.shape[-1]
   scale = K ** -0.5 if scale is None else scale
@@ -103,7 +113,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     S = S + bt[:, None, None] * kt[:, :, None] * (vt - pred)[:, None, :]
     return S, scale * jnp.einsum("hk,hkv->hv", qt, S)
 
-  return _scan(step, q, k, v, (beta, g), initial_state, output_final_state, cu_seqlens)
+  return _scan(step, q, k, v, (beta, g), initial_state, output_final_state, cu_seqlens,
+               segment_ids)
 
 
 def softmax_attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=None,

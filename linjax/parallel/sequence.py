@@ -27,6 +27,13 @@ caller's initial_state; A_p is zero when a sequence starts inside the shard, so 
 carried state never leaks across a boundary. Each sequence's final state comes from the
 shard holding its last token (one psum, only when output_final_state=True).
 
+Packed rows (segment_ids [B, T], the trainer's packing): each shard runs the segment-aware
+local op, and the all-gathered payload also carries each shard's first and last segment id
+(bitcast into the float payload, so still ONE all-gather). Shard j's state passes on only
+if it continues the previous shard's last segment (cont_j) and holds no boundary (A_j is
+zero otherwise); the incoming state reaches only the tokens of the shard's first segment,
+and only when that segment continues from the previous shard.
+
 LASP-2H (softmax / sliding-window layers of hybrids): K and V are all-gathered along `seq`
 (one all-gather); a causal sliding window of W <= T/P + 1 tokens only needs the previous
 shard's last W - 1 tokens (a ppermute), plus the first `num_sinks` tokens (a psum from
@@ -118,6 +125,29 @@ def _varlen_layout(cu, off, L):
   return dict(local_cu=local_cu, n_first=nf, cont=cont, e=e, n_last=n_last, N=N, own=own)
 
 
+def _gather(payload, seg):
+  """ONE all-gather along seq of the shard's payload and, for packed rows, of its first and
+  last segment ids (bitcast to float32 and appended, exact for any int32 id). Returns
+  (gathered [P, *payload.shape], cont [P, B] or None): cont_j says shard j's first segment
+  continues shard j-1's last (always true for j = 0, which the caller's state feeds)."""
+  if seg is None:
+    return lax.all_gather(payload, SEQ), None
+  Bl = payload.shape[0]
+  ends = jnp.stack([seg[:, 0], seg[:, -1]], axis=-1).astype(jnp.int32)
+  flat = jnp.concatenate([payload.reshape(Bl, -1).astype(F32),
+                          lax.bitcast_convert_type(ends, F32)], axis=-1)
+  gathered = lax.all_gather(flat, SEQ)                        # [P, B, n + 2]
+  ids = lax.bitcast_convert_type(lax.stop_gradient(gathered[..., -2:]), jnp.int32)
+  cont = jnp.concatenate([jnp.ones((1, Bl), bool), ids[1:, :, 0] == ids[:-1, :, 1]], axis=0)
+  return gathered[..., :-2].reshape((-1,) + payload.shape), cont
+
+
+def _first_run(seg):
+  """[B, L] bool: the token is in the shard's first segment (no id change before it)."""
+  from linjax.ops._common import segment_runs
+  return segment_runs(seg) == 0
+
+
 def _select_owner(F, own, p):
   """Per-sequence final state from the shard that owns it (psum over seq)."""
   mask = (own == p).reshape((-1,) + (1,) * (F.ndim - 1))
@@ -126,7 +156,7 @@ def _select_owner(F, own, p):
 
 # --------------------------------------------------------------------------- GLA (LASP-2)
 
-def _gla_local(q, k, v, g, init, cu, *, scale, P_, gate_kind, op_kw):
+def _gla_local(q, k, v, g, init, cu, seg, *, scale, P_, gate_kind, op_kw):
   """Body of the shard_map for gla. Returns (o, final_state or None)."""
   ops = _ops()
   p = lax.axis_index(SEQ)
@@ -151,9 +181,9 @@ def _gla_local(q, k, v, g, init, cu, *, scale, P_, gate_kind, op_kw):
     through = lay["cont"] & (lay["e"] == L)
   else:
     o0, F = ops.gla(q, k, v, g, scale=scale, initial_state=None, output_final_state=True,
-                    **op_kw)
+                    segment_ids=seg, **op_kw)
     M = F                                                # [B, H, K, V]
-    through = True
+    through = True if seg is None else jnp.all(seg[:, 1:] == seg[:, :-1], axis=1)[:, None, None]
 
   # total transition A_p: ones (no gate), [B, H] or [B, H, K]; zero across a boundary.
   if gate_kind is None:
@@ -163,17 +193,21 @@ def _gla_local(q, k, v, g, init, cu, *, scale, P_, gate_kind, op_kw):
   else:
     A = jnp.exp(G[:, -1])                                # [B, H, K]
   A = jnp.broadcast_to(jnp.where(through, A, 0.0), M.shape[:2] + (K,))   # [B|1, H, K]
-  with_A = gate_kind is not None or varlen
+  with_A = gate_kind is not None or varlen or seg is not None
   payload = jnp.concatenate([M, A[..., None]], axis=-1) if with_A else M
-  gathered = lax.all_gather(payload, SEQ)                # ONE all-gather: [P, B, H, K, V(+1)]
+  gathered, cont = _gather(payload, seg)                 # ONE all-gather: [P, B, H, K, V(+1)]
   Ms = gathered[..., :V]
   As = gathered[..., V] if with_A else jnp.zeros((P_,), F32)
+  if cont is not None:
+    As = jnp.where(cont[:, :, None, None], As, 0.0)
   apply_A = (lambda A_, S: A_[..., None] * S) if with_A else (lambda A_, S: S)
   if varlen or init is None:
     S0 = jnp.zeros(M.shape, F32)
   else:
     S0 = init.astype(F32)
   S_in = _fold(Ms, As, S0, p, apply_A)                   # [B|1, H, K, V]
+  if cont is not None:  # the incoming state belongs to the previous shard's last segment
+    S_in = jnp.where(cont[p][:, None, None, None], S_in, 0.0)
 
   # outputs: o_t += scale * (q_t * exp(G_t)) S_in on the tokens that continue into the shard
   qd = q.astype(F32)
@@ -183,6 +217,8 @@ def _gla_local(q, k, v, g, init, cu, *, scale, P_, gate_kind, op_kw):
     qd = qd * jnp.exp(G)
   if varlen:
     qd = jnp.where(tmask[None, :, None, None], qd, 0.0)
+  elif seg is not None:  # only the shard's first segment continues from the left
+    qd = jnp.where(_first_run(seg)[:, :, None, None], qd, 0.0)
   corr = scale * jnp.einsum("blhk,bhkv->blhv", qd, S_in)
   o = (o0.astype(F32) + corr).astype(o0.dtype)
 
@@ -204,7 +240,7 @@ def _gla_local(q, k, v, g, init, cu, *, scale, P_, gate_kind, op_kw):
 
 # -------------------------------------------------------------------- delta rule (LASP-2)
 
-def _delta_local(q, k, v, beta, g, init, cu, *, scale, P_, op_kw):
+def _delta_local(q, k, v, beta, g, init, cu, seg, *, scale, P_, op_kw):
   ops = _ops()
   p = lax.axis_index(SEQ)
   B, L, H, K = q.shape
@@ -228,14 +264,22 @@ def _delta_local(q, k, v, beta, g, init, cu, *, scale, P_, op_kw):
   else:
     init_aug = jnp.concatenate([jnp.zeros((B, H, K, V), F32),
                                 jnp.broadcast_to(eye, (B, H, K, K))], axis=-1)
+    # packed rows: the identity start feeds only the first segment, so A_p (the last
+    # segment's transition) is zero when the shard holds a boundary, and the last K output
+    # columns are zero past the first segment.
     o_aug, F = ops.delta_rule(q, k, v_aug, beta, g, scale=scale, initial_state=init_aug,
-                              output_final_state=True, **op_kw)
+                              output_final_state=True, segment_ids=seg, **op_kw)
     payload = F                                          # [B, H, K, V+K] = [M_p | A_p]
     S0 = jnp.zeros((B, H, K, V), F32) if init is None else init.astype(F32)
 
-  gathered = lax.all_gather(payload, SEQ)                # ONE all-gather: [P, B, H, K, V+K]
+  gathered, cont = _gather(payload, None if cu is not None else seg)  # ONE all-gather
+  As = gathered[..., V:]                                 # [P, B, H, K, K]
+  if cont is not None:
+    As = jnp.where(cont[:, :, None, None, None], As, 0.0)
   apply_A = lambda A_, S: jnp.einsum("bhij,bhjv->bhiv", A_, S)
-  S_in = _fold(gathered[..., :V], gathered[..., V:], S0, p, apply_A)
+  S_in = _fold(gathered[..., :V], As, S0, p, apply_A)
+  if cont is not None:
+    S_in = jnp.where(cont[p][:, None, None, None], S_in, 0.0)
 
   o = o_aug[..., :V].astype(F32) + jnp.einsum("blhk,bhkv->blhv", o_aug[..., V:].astype(F32),
                                                 S_in)
@@ -252,7 +296,7 @@ def _delta_local(q, k, v, beta, g, init, cu, *, scale, P_, op_kw):
 # --------------------------------------------------------------------- public wrappers
 
 def _lasp2(family, mesh, q, k, v, beta, g, *, scale, initial_state, output_final_state,
-           cu_seqlens, op_kw):
+           cu_seqlens, op_kw, segment_ids=None):
   B, T, H, K = q.shape
   P_ = axis_size(mesh, SEQ)
   varlen = cu_seqlens is not None
@@ -261,9 +305,10 @@ def _lasp2(family, mesh, q, k, v, beta, g, *, scale, initial_state, output_final
   tok = P(b, SEQ, h, None)
   tok3 = P(b, SEQ, h)
   state = P(None if varlen else b, h, None, None)
-  names = ["q", "k", "v", "beta", "g", "init", "cu"]
-  vals = [q, k, v, beta, g, initial_state, cu_seqlens]
-  specs = [tok, tok, tok, tok3, tok3 if g is None or g.ndim == 3 else tok, state, P(None)]
+  names = ["q", "k", "v", "beta", "g", "init", "cu", "seg"]
+  vals = [q, k, v, beta, g, initial_state, cu_seqlens, segment_ids]
+  specs = [tok, tok, tok, tok3, tok3 if g is None or g.ndim == 3 else tok, state, P(None),
+           P(b, SEQ)]
   present = [i for i, x in enumerate(vals) if x is not None]
 
   def body(*args):
@@ -272,19 +317,21 @@ def _lasp2(family, mesh, q, k, v, beta, g, *, scale, initial_state, output_final
       a[names[i]] = x
     if family == "gla":
       gk = None if a["g"] is None else ("head" if a["g"].ndim == 3 else "channel")
-      return _gla_local(a["q"], a["k"], a["v"], a["g"], a["init"], a["cu"], scale=scale,
-                        P_=P_, gate_kind=gk, op_kw=op_kw)
+      return _gla_local(a["q"], a["k"], a["v"], a["g"], a["init"], a["cu"], a["seg"],
+                        scale=scale, P_=P_, gate_kind=gk, op_kw=op_kw)
     return _delta_local(a["q"], a["k"], a["v"], a["beta"], a["g"], a["init"], a["cu"],
-                        scale=scale, P_=P_, op_kw=op_kw)
+                        a["seg"], scale=scale, P_=P_, op_kw=op_kw)
 
   fn = _shard_map(body, mesh, tuple(specs[i] for i in present), (tok, state))
   o, final = fn(*(vals[i] for i in present))
   return o, (final if output_final_state else None)
 
 
-def _lasp2_ok(what, mesh, q, cu_seqlens, op_kw):
+def _lasp2_ok(what, mesh, q, cu_seqlens, op_kw, segment_ids=None):
   if mesh is None:
     return False
+  if segment_ids is not None and cu_seqlens is not None:
+    return False  # the op itself names the conflict
   P_ = axis_size(mesh, SEQ)
   if q.shape[1] % P_:
     if q.shape[1] > P_:  # decode steps (T = 1) fall back silently
@@ -296,35 +343,37 @@ def _lasp2_ok(what, mesh, q, cu_seqlens, op_kw):
 
 
 def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None, normalize=False, eps=1e-6, **op_kw):
+        cu_seqlens=None, normalize=False, eps=1e-6, segment_ids=None, **op_kw):
   """`linjax.ops.gla`, sequence-parallel (LASP-2) under a mesh with seq > 1."""
   mesh = _sp_mesh()
-  if not _lasp2_ok("gla", mesh, q, cu_seqlens, op_kw):
+  if not _lasp2_ok("gla", mesh, q, cu_seqlens, op_kw, segment_ids):
     return _ops().gla(q, k, v, g, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                      normalize=normalize, eps=eps, **op_kw)
+                      normalize=normalize, eps=eps, segment_ids=segment_ids, **op_kw)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   V = v.shape[-1]
   if normalize:  # the key-sum denominator rides along as an extra value column
     v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
   o, S = _lasp2("gla", mesh, q, k, v, None, g, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens, op_kw=op_kw)
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, op_kw=op_kw,
+                segment_ids=segment_ids)
   if normalize:
     o = (o[..., :V].astype(F32) / (o[..., V:].astype(F32) + eps)).astype(o.dtype)
   return o, S
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
-               output_final_state=False, cu_seqlens=None, **op_kw):
+               output_final_state=False, cu_seqlens=None, segment_ids=None, **op_kw):
   """`linjax.ops.delta_rule`, sequence-parallel (LASP-2) under a mesh with seq > 1."""
   mesh = _sp_mesh()
-  if not _lasp2_ok("delta_rule", mesh, q, cu_seqlens, op_kw):
+  if not _lasp2_ok("delta_rule", mesh, q, cu_seqlens, op_kw, segment_ids):
     return _ops().delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                             **op_kw)
+                             segment_ids=segment_ids, **op_kw)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _lasp2("delta", mesh, q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens, op_kw=op_kw)
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, op_kw=op_kw,
+                segment_ids=segment_ids)
 
 
 # -------------------------------------------------------------------- attention (LASP-2H)
