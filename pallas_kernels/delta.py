@@ -1,4 +1,4 @@
-"""Chunkwise (gated) delta rule in WY / UT form.
+"""Chunkwise (gated) delta rule in WY / UT form, forward and backward.
 
   S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t,   o_t = scale q_t S_t
 
@@ -10,11 +10,19 @@ Per chunk (b = chunk-local cumsum of g, scalar per head; g = None means b = 0):
 so the sequential pass is gla.state_pass with `w` (it also writes v_new) and the output is
 gla.output with v_new in place of v: the same Pallas kernels, GPU and TPU lowerings.
 
-Forward: Pallas kernels (state pass + output); the triangular inverse is a batched
-block inversion in jnp (fp32, `_common.inv_unit_lower`) before them.
-BACKWARD: NOT a Pallas kernel yet. The custom_vjp recomputes the forward with the jnp chunk
-math below (`_delta_jnp`, lax.scan over chunks) and differentiates that with jax.vjp. Correct
-(tested against reference.py) but slower than a fused backward kernel would be.
+Backward (custom_vjp; Pallas kernels for everything that scales with T x K x V):
+  1. recompute w, u (jnp, under jax.vjp) and h_c, v_new (the forward state-pass kernel);
+  2. `state_bwd` kernel, sequential over chunks in reverse, from dh = dS_T:
+        dv_new = scale A^T do + (k exp(b_last - b)) dh
+        dh    <- exp(b_last) dh + scale (q exp(b))^T do - w^T dv_new
+     writing dh per chunk (the gradient of the state leaving it), dv_new and dh0;
+  3. gla's `grads` kernel with v_new for v gives dq and the k gradient through A and the
+     state (v_new and h_c are treated as inputs there);
+  4. dw = -dv_new h_c^T, du = dv_new go back through the WY prep's vjp (dk, dv, dbeta and
+     the gate's intra-chunk part);
+  5. gate: dL/dB_t for the global cumsum B is q.dq - k.dk (step 3), plus the final-state term
+     S_T . dS_T at the last token, plus, at the last token of chunk c - 1, the read of h_c
+     by w: sum over chunk c of w . dw. Reverse-cumsummed, plus step 4's part.
 """
 from __future__ import annotations
 
@@ -23,6 +31,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _common as cm
 from pallas_kernels import gla as _gla
@@ -60,58 +71,165 @@ def _to_layout(x):
   return x.transpose(0, 1, 3, 2, 4).reshape(B, NT * C, H * D)
 
 
-def _delta_jnp(q, k, v, beta, g, h0, *, C, H, scale):
-  """The chunk math in plain jnp (used for the backward). Same layout as the kernels."""
+def _from_layout(x, C, H):
+  """[B, Tp, H*D] -> [B, NT, H, C, D]."""
+  B, Tp, HD = x.shape
+  return x.reshape(B, Tp // C, C, H, HD // H).transpose(0, 1, 3, 2, 4)
+
+
+# ------------------------------------------------------------------ backward state kernel
+
+def bwd_step(dh, q, k, w, do, kind, gv, scale, C):
+  """One chunk of the reverse pass. Returns (dh for the previous chunk, dv_new [C, V] f32)."""
+  dt = q.dtype
+  a = _gla._dot_nt(q, k) * _gla._scalar_decay(kind, gv, C)            # [C, C] f32
+  kd = _gla._to_end(k.astype(f32), kind, gv)
+  dvn = _gla._dot_tn(a.astype(dt), do) * scale + _gla._dot(kd.astype(dt), dh.astype(dt))
+  qd = _gla._from_start(q.astype(f32), kind, gv) * scale
+  dh = (_gla._decay_state(dh, kind, gv) + _gla._dot_tn(qd.astype(dt), do)
+        - _gla._dot_tn(w, dvn.astype(dt)))
+  return dh, dvn
+
+
+def _state_bwd_kernel_gpu(*refs, kind, NT, C, scale):
+  ng = _gla._n_gate_refs(kind)
+  q_ref, k_ref, w_ref, do_ref = refs[:4]
+  g_refs = refs[4:4 + ng]
+  dhT_ref, dhs_ref, dh0_ref, dv_ref = refs[4 + ng:]
+
+  def body(it, dh):
+    c = NT - 1 - it
+    rows = pl.ds(pl.multiple_of(c * C, C), C)
+    raw = (g_refs[0][rows, :], g_refs[1][c]) if ng else None
+    gv = _gla.gate_view(kind, raw, C)
+    dhs_ref[c] = dh.astype(dhs_ref.dtype)
+    dh, dvn = bwd_step(dh, q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], do_ref[rows, :],
+                       kind, gv, scale, C)
+    dv_ref[rows, :] = dvn.astype(dv_ref.dtype)
+    return dh
+
+  dh0_ref[...] = lax.fori_loop(0, NT, body, dhT_ref[...].astype(f32))
+
+
+def _state_bwd_kernel_tpu(*refs, kind, NT, C, scale):
+  ng = _gla._n_gate_refs(kind)
+  q_ref, k_ref, w_ref, do_ref = refs[:4]
+  g_refs = refs[4:4 + ng]
+  dhT_ref, dhs_ref, dh0_ref, dv_ref, scr = refs[4 + ng:]
+  c = pl.program_id(2)
+
+  @pl.when(c == 0)
+  def _():
+    scr[...] = dhT_ref[...].astype(f32)
+
+  dh = scr[...]
+  dhs_ref[...] = dh.astype(dhs_ref.dtype)
+  gv = _gla.gate_view(kind, tuple(r[...] for r in g_refs) if ng else None, C)
+  dh, dvn = bwd_step(dh, q_ref[...], k_ref[...], w_ref[...], do_ref[...], kind, gv, scale, C)
+  dv_ref[...] = dvn.astype(dv_ref.dtype)
+  scr[...] = dh
+
+  @pl.when(c == NT - 1)
+  def _():
+    dh0_ref[...] = dh
+
+
+def state_bwd(q, k, w, do, gates, dhT, *, kind, C, H, scale, backend, interpret):
+  """Reverse pass over chunks. Returns (dhs [B,H,NT,Kp,Vp] f32: gradient of the state leaving
+  each chunk, dh0 [B,H,Kp,Vp] f32, dv_new [B,Tp,H*Vp] f32)."""
   B, Tp, HK = q.shape
+  Kp, Vp = HK // H, do.shape[-1] // H
   NT = Tp // C
-  kc, w, u, b = _wy(k, v, beta, g, C, H)
-  qc = q.astype(f32).reshape(B, NT, C, H, -1).transpose(0, 1, 3, 2, 4)
-  causal = jnp.tril(jnp.ones((C, C), bool))
+  out_shape = [jax.ShapeDtypeStruct((B, H, NT, Kp, Vp), f32),
+               jax.ShapeDtypeStruct((B, H, Kp, Vp), f32),
+               jax.ShapeDtypeStruct(do.shape, f32)]
+  args = (q, k, w, do, *gates, dhT)
+  statics = dict(kind=kind, NT=NT, C=C, scale=scale)
+  if backend == "tpu":
+    cidx = lambda c: NT - 1 - c
+    xs = pl.BlockSpec((None, C, Kp), lambda b, h, c: (b, cidx(c), h))
+    ys = pl.BlockSpec((None, C, Vp), lambda b, h, c: (b, cidx(c), h))
+    st = pl.BlockSpec((None, None, Kp, Vp), lambda b, h, c: (b, h, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_state_bwd_kernel_tpu, **statics), out_shape=out_shape,
+        grid=(B, H, NT),
+        in_specs=[xs, xs, xs, ys, *_gla._gate_specs_chunk(kind, C, Kp, cidx), st],
+        out_specs=[pl.BlockSpec((None, None, None, Kp, Vp),
+                                lambda b, h, c: (b, h, cidx(c), 0, 0)), st, ys],
+        scratch_shapes=[pltpu.VMEM((Kp, Vp), f32)],
+        compiler_params=None if interpret else cm.compiler_params(
+            "tpu", ("parallel", "parallel", "arbitrary")),
+        interpret=cm.interpret_arg(interpret), name="linjax_delta_state_bwd")(*args)
+  BV = min(Vp, 64)                    # V tiles: everything here is linear in the V slice
+  NV = Vp // BV
+  xs = pl.BlockSpec((None, Tp, Kp), lambda b, h, iv: (b, 0, h))
+  ys = pl.BlockSpec((None, Tp, BV), lambda b, h, iv: (b, 0, h * NV + iv))
+  gs = ([pl.BlockSpec((None, None, Tp, 1), lambda b, h, iv: (b, h, 0, 0)),
+         pl.BlockSpec((None, None, NT, 1, C), lambda b, h, iv: (b, h, 0, 0, 0))]
+        if kind == "scalar" else [])
+  st = pl.BlockSpec((None, None, Kp, BV), lambda b, h, iv: (b, h, 0, iv))
+  return pl.pallas_call(
+      functools.partial(_state_bwd_kernel_gpu, **statics), out_shape=out_shape,
+      grid=(B, H, NV), in_specs=[xs, xs, xs, ys, *gs, st],
+      out_specs=[pl.BlockSpec((None, None, NT, Kp, BV), lambda b, h, iv: (b, h, 0, 0, iv)),
+                 st, ys],
+      compiler_params=None if interpret else cm.compiler_params("gpu", None, num_warps=4,
+                                                                num_stages=2),
+      interpret=cm.interpret_arg(interpret), name="linjax_delta_state_bwd")(*args)
 
-  def step(h, xs):
-    qn, kn, wn, un, bn = xs                                    # [B,H,C,*]
-    vnew = un - wn @ h
-    blast = bn[..., -1:]
-    d = jnp.exp(jnp.where(causal, bn[..., :, None] - bn[..., None, :], -jnp.inf))
-    a = (qn @ jnp.swapaxes(kn, -1, -2)) * d
-    o = ((qn * jnp.exp(bn)[..., None]) @ h + a @ vnew) * scale
-    kd = kn * jnp.exp(blast - bn)[..., None]
-    h = h * jnp.exp(blast)[..., None] + jnp.swapaxes(kd, -1, -2) @ vnew
-    return h, o
 
-  mv = lambda x: jnp.moveaxis(x, 1, 0)
-  hT, o = lax.scan(step, h0.astype(f32), (mv(qc), mv(kc), mv(w), mv(u), mv(b)))
-  return _to_layout(jnp.moveaxis(o, 0, 1)).astype(v.dtype), hT
-
+# ----------------------------------------------------------------------------- the op
 
 @functools.lru_cache(maxsize=None)
 def _make_core(gated, C, H, scale, backend, interpret):
   kw = dict(C=C, H=H, scale=scale, backend=backend, interpret=interpret)
   kind = "scalar" if gated else "none"
 
-  def run(q, k, v, beta, g, h0):
-    dt = q.dtype
+  def wu(k, v, beta, g):
     _, w, u, _ = _wy(k, v, beta, g, C, H)
+    return w, u
+
+  def forward(q, k, v, beta, g, h0):
+    dt = q.dtype
+    w, u = wu(k, v, beta, g)
+    wl = _to_layout(w).astype(dt)
     gates = _gla.gate_arrays(g, kind, C, H) if gated else ()
     hs, hT, vnew = _gla.state_pass(k, _to_layout(u).astype(dt), gates, h0, reverse=False,
-                                   kind=kind, w=_to_layout(w).astype(dt), **kw)
-    o = _gla.output(q, k, vnew, gates, hs, kind=kind, **kw)
-    return o, hT
+                                   kind=kind, w=wl, **kw)
+    return wl, gates, hs, hT, vnew
 
   def fwd(q, k, v, beta, g, h0):
-    return run(q, k, v, beta, g, h0), (q, k, v, beta, g, h0)
+    _, gates, hs, hT, vnew = forward(q, k, v, beta, g, h0)
+    o = _gla.output(q, k, vnew, gates, hs, kind=kind, **kw)
+    return (o, hT), (q, k, v, beta, g, h0)
 
   def bwd(res, cts):
-    # jnp recompute + autodiff (see module docstring): no Pallas backward kernel yet.
     q, k, v, beta, g, h0 = res
     do, dhT = cts
-    f = functools.partial(_delta_jnp, C=C, H=H, scale=scale)
-    _, vjp = jax.vjp(f, q, k, v, beta, g, h0)
-    return vjp((do.astype(v.dtype), dhT.astype(f32)))
+    dt = q.dtype
+    do = do.astype(dt)
+    (w, u), wy_vjp = jax.vjp(wu, k, v, beta, g)
+    wl, gates, hs, hT, vnew = forward(q, k, v, beta, g, h0)
+    dhs, dh0, dvn = state_bwd(q, k, wl, do, gates, dhT.astype(f32), kind=kind, **kw)
+    dq, dk, _ = _gla.grads(q, k, vnew, gates, hs, do, dhs.astype(hs.dtype), kind=kind, **kw)
+    # back through the WY prep: dw = -dv_new h_c^T, du = dv_new (per chunk, fp32)
+    dvc = _from_layout(dvn, C, H)                                  # [B, NT, H, C, Vp]
+    dw = -jnp.einsum("bnhcv,bhnkv->bnhck", dvc, hs.astype(f32))
+    dk_wy, dv, dbeta, dg_wy = wy_vjp((dw, dvc))
+    dg = None
+    if gated:
+      t = _gla.gate_token_grad(q, k, dq, dk, "scalar", H)          # [B, Tp, H]
+      t = t.at[:, -1].add((hT * dhT).sum((2, 3)))
+      # w reads h_c, the state at the last token of chunk c - 1
+      read = (w * dw).sum((3, 4))                                 # [B, NT, H]
+      t = t.at[:, C - 1:-1:C].add(read[:, 1:])
+      dg = cm.reverse_cumsum(t, axis=1) + dg_wy
+    return (dq.astype(q.dtype), (dk + dk_wy).astype(k.dtype), dv.astype(v.dtype), dbeta, dg,
+            dh0)
 
   @jax.custom_vjp
   def core(q, k, v, beta, g, h0):
-    return run(q, k, v, beta, g, h0)
+    return fwd(q, k, v, beta, g, h0)[0]
 
   core.defvjp(fwd, bwd)
   return core
