@@ -194,7 +194,10 @@ def test_errors_name_the_argument(bad, match):
     ops.delta_rule(**args)
 
 
-@pytest.mark.parametrize("gate,method", [(None, "chunk"), ("head", "assoc_scan"), ("head", "parallel"), (None, "recurrent")])
+@pytest.mark.parametrize("gate,method", [
+    ("head", "chunk"), pytest.param(None, "assoc_scan", marks=pytest.mark.slow),
+    pytest.param("head", "parallel", marks=pytest.mark.slow),
+    pytest.param(None, "recurrent", marks=pytest.mark.slow)])
 def test_segment_ids_reset_per_document(gate, method):
   """Packed [B, T] rows vs the token-by-token reference that zeroes the state wherever the
   id changes; values, final state and every gradient (initial_state feeds each row's first
