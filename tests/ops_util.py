@@ -129,3 +129,39 @@ def packed_segment_ids(B, T):
     for s, e, v in zip(c[:-1], c[1:], i):
       seg[b, s:e] = v
   return jnp.asarray(seg)
+
+
+def check_segment_ids(op, gate, method, B=3, T=70, H=2, K=16, V=8):
+  """`linjax.ops.<op>(segment_ids=...)` vs `reference.<op>` (values, final state, all
+  gradients; initial_state feeds each row's first segment), then one document of a packed
+  row (row 0, tokens 16..49) equals a separate call from a zero state."""
+  from linjax import ops
+  from linjax.ops import reference
+  inp = make_inputs(21, B, T, H, K, V, gate=gate, strength="mixed", delta=(op == "delta_rule"))
+  seg = packed_segment_ids(B, T)
+  do, dS = cotangents(21, (B, T, H, V), (B, H, K, V))
+  ref = run_with_grads(functools.partial(getattr(reference, op), segment_ids=seg), inp, do, dS)
+  out = run_with_grads(functools.partial(getattr(ops, op), segment_ids=seg, method=method,
+                                         chunk_size=16), inp, do, dS)
+  compare(ref, out, FP32_TOL, (op.split("_")[0], method, "segment_ids"))
+  sub = {n: (None if inp[n] is None or n == "initial_state" else inp[n][:1, 16:50])
+         for n in inp}
+  o, _ = jax.jit(functools.partial(getattr(ops, op), method=method, chunk_size=16))(**sub)
+  assert rel_err(o, out[0][:1, 16:50]) < FP32_TOL
+
+
+def check_segment_id_errors(op):
+  import pytest
+  from linjax import ops
+  fn = getattr(ops, op)
+  inp = make_inputs(3, 2, 20, 2, 8, 8, delta=(op == "delta_rule"))
+  seg = jnp.zeros((2, 20), jnp.int32)
+  with pytest.raises(ValueError, match="segment_ids.*shape"):
+    fn(**inp, segment_ids=seg[:, :5])
+  with pytest.raises(ValueError, match="integer"):
+    fn(**inp, segment_ids=seg.astype(F32))
+  one = {n: (x if x is None else x[:1]) for n, x in inp.items()}
+  with pytest.raises(ValueError, match="not both"):
+    fn(**one, segment_ids=seg[:1], cu_seqlens=jnp.array([0, 20]))
+  with pytest.raises(NotImplementedError, match="pallas.*segment_ids"):
+    fn(**inp, segment_ids=seg, method="pallas")

@@ -13,8 +13,8 @@ import pytest
 from linjax import ops
 from linjax.ops import reference
 from tests.helpers import assert_rel, load_fla_naive, rel_err
-from tests.ops_util import (BF16_TOL, F32, FP32_TOL, case, compare, cotangents, make_inputs,
-                            packed_segment_ids, run_with_grads)
+from tests.ops_util import (BF16_TOL, F32, FP32_TOL, case, compare, make_inputs,
+                            check_segment_id_errors, check_segment_ids, run_with_grads)
 
 METHODS = ("recurrent", "parallel", "chunk", "assoc_scan")
 GATES = (None, "head")
@@ -199,32 +199,10 @@ def test_errors_name_the_argument(bad, match):
     pytest.param("head", "parallel", marks=pytest.mark.slow),
     pytest.param(None, "recurrent", marks=pytest.mark.slow)])
 def test_segment_ids_reset_per_document(gate, method):
-  """Packed [B, T] rows vs the token-by-token reference that zeroes the state wherever the
-  id changes; values, final state and every gradient (initial_state feeds each row's first
-  segment). Then one document of a packed row equals a separate call."""
-  B, T, H, K, V = 3, 70, 2, 16, 8
-  inp = make_inputs(21, B, T, H, K, V, gate=gate, strength="mixed", delta=True)
-  seg = packed_segment_ids(B, T)
-  do, dS = cotangents(21, (B, T, H, V), (B, H, K, V))
-  ref = run_with_grads(functools.partial(reference.delta_rule, segment_ids=seg), inp, do, dS)
-  out = run_with_grads(functools.partial(ops.delta_rule, segment_ids=seg, method=method, chunk_size=16),
-                       inp, do, dS)
-  compare(ref, out, FP32_TOL, ("delta", method, "segment_ids"))
-  sub = {n: (None if inp[n] is None or n == "initial_state" else inp[n][:1, 16:50])
-         for n in inp}
-  o, _ = jax.jit(functools.partial(ops.delta_rule, method=method, chunk_size=16))(**sub)
-  assert rel_err(o, out[0][:1, 16:50]) < FP32_TOL
+  """Packed [B, T] rows vs the token-by-token reference (state zeroed wherever the id
+  changes): values, final state, every gradient; one document == a separate call."""
+  check_segment_ids("delta_rule", gate, method)
 
 
 def test_segment_ids_errors():
-  inp = make_inputs(3, 2, 20, 2, 8, 8, delta=True)
-  seg = jnp.zeros((2, 20), jnp.int32)
-  with pytest.raises(ValueError, match="segment_ids.*shape"):
-    ops.delta_rule(**inp, segment_ids=seg[:, :5])
-  with pytest.raises(ValueError, match="integer"):
-    ops.delta_rule(**inp, segment_ids=seg.astype(F32))
-  with pytest.raises(ValueError, match="not both"):
-    ops.delta_rule(**{**inp, **{n: inp[n][:1] for n in inp if n != "g" and inp[n] is not None}},
-             segment_ids=seg[:1], cu_seqlens=jnp.array([0, 20]))
-  with pytest.raises(NotImplementedError, match="pallas.*segment_ids"):
-    ops.delta_rule(**inp, segment_ids=seg, method="pallas")
+  check_segment_id_errors("delta_rule")
