@@ -71,3 +71,25 @@ def test_delta_rule_lowers(platform, gated):
     args.append(sd((B, T, H), jnp.float32))
   for fn in _fwd_bwd(op, len(args)):
     _export(fn, platform, *args)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("op", ["gla_channel", "delta_gated"])
+def test_head_dim_256_lowers(platform, op):
+  """The largest head dim the issue names (256), bf16, forward and forward + backward."""
+  K2 = V2 = 256
+  args = [sd((1, 128, 2, K2)), sd((1, 128, 2, K2)), sd((1, 128, 2, V2)),
+          sd((1, 2, K2, V2), jnp.float32)]
+  if op == "gla_channel":
+    args.append(sd((1, 128, 2, K2), jnp.float32))
+
+    def fn(q, k, v, h0, g):
+      return pallas_kernels.gla_chunk(q, k, v, g, initial_state=h0, output_final_state=True)
+  else:
+    args += [sd((1, 128, 2), jnp.float32), sd((1, 128, 2), jnp.float32)]
+
+    def fn(q, k, v, h0, beta, g):
+      return pallas_kernels.delta_rule_chunk(q, k, v, beta, g, initial_state=h0,
+                                             output_final_state=True)
+  for f in _fwd_bwd(fn, len(args)):
+    _export(f, platform, *args)
