@@ -125,3 +125,29 @@ def test_top_level_linearize_is_callable_after_the_package_is_imported():
   import linjax.linearize  # noqa: F401  (binds the attribute to the package)
   model = linjax.linearize(tiny_llama(layers=1), mixer="gla")
   assert model.config.mixers == ("gla",)
+
+
+def test_recipe_summary_table_and_png(tmp_path, capsys):
+  import json
+
+  from linjax.linearize import summary
+  runs = [dict(name="b_run", tokens=2048, ppl=30.0, ppl_ratio=2.0, top1=0.5, wall_seconds=12.4,
+               machine="cpu"),
+          dict(name="a_run", tokens=40960, ppl=18.0, ppl_ratio=1.2, top1=0.71, wall_seconds=99.6,
+               machine="gpu")]
+  for r in runs:
+    (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
+  (tmp_path / "other.json").write_text(json.dumps({"not": "a run"}))
+  (tmp_path / "eval_quick_baselines.json").write_text(json.dumps(
+      {"teacher (teacher)": {"perplexity": 10.0}, "sw64_sinks4": {"perplexity": 12.0}}))
+  assert summary.baseline_ratio(str(tmp_path)) == pytest.approx(1.2)
+  summary.main([str(tmp_path)])
+  out = capsys.readouterr().out
+  lines = [l for l in out.splitlines() if l.startswith("| ") and "_run" in l]
+  assert lines == ["| a_run | 40,960 | 18.00 | 1.200 | 71.0% | 100 s | gpu |",
+                   "| b_run | 2,048 | 30.00 | 2.000 | 50.0% | 12 s | cpu |"]   # best first
+  png = tmp_path / "linearization.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  (tmp_path / "broken.json").write_text("{")
+  with pytest.raises(ValueError, match="broken.json"):
+    summary.load_runs(str(tmp_path))

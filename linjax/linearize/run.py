@@ -165,6 +165,9 @@ def main(argv=None):
     print(row, flush=True)
   print("\n| recipe | tokens | ppl | ratio | top-1 | wall | machine |\n|---|---|---|---|---|---|---|")
   print("\n".join(rows))
+  from linjax.linearize import summary
+  print("\nall runs in " + args.results + ":")
+  summary.main([args.results])          # the table of every run there + linearization.png
 
 
 if __name__ == "__main__":
