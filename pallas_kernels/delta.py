@@ -41,8 +41,10 @@ from pallas_kernels import gla as _gla
 f32 = jnp.float32
 
 
-def _wy(k, v, beta, g, C, H):
+def _wy(k, v, beta, g, C, H, rcol=None):
   """k [B,Tp,H*Kp], v [B,Tp,H*Vp], beta [B,Tp,H], g None|[B,Tp,H] raw -> per-chunk f32 parts.
+  rcol: packed rows' segment runs relative to each chunk's entering run ([B,Tp,1], see
+  gla.segment_arrays): L keeps same-segment pairs, w only the entering run's rows.
 
   Returns kc [B,NT,H,C,Kp], w, u [B,NT,H,C,*], b [B,NT,H,C] (chunk-local cumsum).
   """
@@ -56,12 +58,17 @@ def _wy(k, v, beta, g, C, H):
   else:
     b = jnp.cumsum(g.astype(f32).reshape(B, NT, C, H).transpose(0, 1, 3, 2), axis=-1)
   strict = jnp.tril(jnp.ones((C, C), bool), -1)
+  eb = jnp.exp(b)
+  if rcol is not None:
+    r = rcol.reshape(B, NT, 1, C)
+    strict = strict & (r[..., :, None] == r[..., None, :])
+    eb = jnp.where(r == 0.0, eb, 0.0)
   kk = jnp.einsum("bnhia,bnhja->bnhij", kc, kc)
   decay = jnp.exp(jnp.where(strict, b[..., :, None] - b[..., None, :], -jnp.inf))
   Lm = bc[..., :, None] * kk * decay
   T = cm.inv_unit_lower(Lm)
   u = T @ (bc[..., None] * vc)
-  w = T @ ((bc * jnp.exp(b))[..., None] * kc)
+  w = T @ ((bc * eb)[..., None] * kc)
   return kc, w, u, b
 
 
@@ -91,17 +98,16 @@ def bwd_step(dh, q, k, w, do, kind, gv, scale, C):
   return dh, dvn
 
 
-def _state_bwd_kernel_gpu(*refs, kind, NT, C, scale):
-  ng = _gla._n_gate_refs(kind)
+def _state_bwd_kernel_gpu(*refs, kind, NT, C, scale, has_seg):
+  ne = _gla._n_extra(kind, has_seg)
   q_ref, k_ref, w_ref, do_ref = refs[:4]
-  g_refs = refs[4:4 + ng]
-  dhT_ref, dhs_ref, dh0_ref, dv_ref = refs[4 + ng:]
+  e_refs = refs[4:4 + ne]
+  dhT_ref, dhs_ref, dh0_ref, dv_ref = refs[4 + ne:]
 
   def body(it, dh):
     c = NT - 1 - it
     rows = pl.ds(pl.multiple_of(c * C, C), C)
-    raw = (g_refs[0][rows, :], g_refs[1][c]) if ng else None
-    gv = _gla.gate_view(kind, raw, C)
+    gv = _gla._view(kind, _gla._load_chunk(e_refs, c, rows), C, has_seg)
     dhs_ref[c] = dh.astype(dhs_ref.dtype)
     dh, dvn = bwd_step(dh, q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], do_ref[rows, :],
                        kind, gv, scale, C)
@@ -111,11 +117,11 @@ def _state_bwd_kernel_gpu(*refs, kind, NT, C, scale):
   dh0_ref[...] = lax.fori_loop(0, NT, body, dhT_ref[...].astype(f32))
 
 
-def _state_bwd_kernel_tpu(*refs, kind, NT, C, scale):
-  ng = _gla._n_gate_refs(kind)
+def _state_bwd_kernel_tpu(*refs, kind, NT, C, scale, has_seg):
+  ne = _gla._n_extra(kind, has_seg)
   q_ref, k_ref, w_ref, do_ref = refs[:4]
-  g_refs = refs[4:4 + ng]
-  dhT_ref, dhs_ref, dh0_ref, dv_ref, scr = refs[4 + ng:]
+  e_refs = refs[4:4 + ne]
+  dhT_ref, dhs_ref, dh0_ref, dv_ref, scr = refs[4 + ne:]
   c = pl.program_id(2)
 
   @pl.when(c == 0)
@@ -124,7 +130,7 @@ def _state_bwd_kernel_tpu(*refs, kind, NT, C, scale):
 
   dh = scr[...]
   dhs_ref[...] = dh.astype(dhs_ref.dtype)
-  gv = _gla.gate_view(kind, tuple(r[...] for r in g_refs) if ng else None, C)
+  gv = _gla._view(kind, tuple(r[...] for r in e_refs), C, has_seg)
   dh, dvn = bwd_step(dh, q_ref[...], k_ref[...], w_ref[...], do_ref[...], kind, gv, scale, C)
   dv_ref[...] = dvn.astype(dv_ref.dtype)
   scr[...] = dh
@@ -134,7 +140,7 @@ def _state_bwd_kernel_tpu(*refs, kind, NT, C, scale):
     dh0_ref[...] = dh
 
 
-def state_bwd(q, k, w, do, gates, dhT, *, kind, C, H, scale, backend, interpret):
+def state_bwd(q, k, w, do, gates, dhT, *, kind, C, H, scale, backend, interpret, seg=()):
   """Reverse pass over chunks. Returns (dhs [B,H,NT,Kp,Vp] f32: gradient of the state leaving
   each chunk, dh0 [B,H,Kp,Vp] f32, dv_new [B,Tp,H*Vp] f32)."""
   B, Tp, HK = q.shape
@@ -143,8 +149,8 @@ def state_bwd(q, k, w, do, gates, dhT, *, kind, C, H, scale, backend, interpret)
   out_shape = [jax.ShapeDtypeStruct((B, H, NT, Kp, Vp), f32),
                jax.ShapeDtypeStruct((B, H, Kp, Vp), f32),
                jax.ShapeDtypeStruct(do.shape, f32)]
-  args = (q, k, w, do, *gates, dhT)
-  statics = dict(kind=kind, NT=NT, C=C, scale=scale)
+  args = (q, k, w, do, *gates, *seg, dhT)
+  statics = dict(kind=kind, NT=NT, C=C, scale=scale, has_seg=bool(seg))
   if backend == "tpu":
     cidx = lambda c: NT - 1 - c
     xs = pl.BlockSpec((None, C, Kp), lambda b, h, c: (b, cidx(c), h))
@@ -153,7 +159,8 @@ def state_bwd(q, k, w, do, gates, dhT, *, kind, C, H, scale, backend, interpret)
     return pl.pallas_call(
         functools.partial(_state_bwd_kernel_tpu, **statics), out_shape=out_shape,
         grid=(B, H, NT),
-        in_specs=[xs, xs, xs, ys, *_gla._gate_specs_chunk(kind, C, Kp, cidx), st],
+        in_specs=[xs, xs, xs, ys, *_gla._gate_specs_chunk(kind, C, Kp, cidx),
+                  *_gla.seg_specs(seg, C, cidx), st],
         out_specs=[pl.BlockSpec((None, None, None, Kp, Vp),
                                 lambda b, h, c: (b, h, cidx(c), 0, 0)), st, ys],
         scratch_shapes=[pltpu.VMEM((Kp, Vp), f32)],
@@ -164,9 +171,7 @@ def state_bwd(q, k, w, do, gates, dhT, *, kind, C, H, scale, backend, interpret)
   NV = Vp // BV
   xs = pl.BlockSpec((None, Tp, Kp), lambda b, h, iv: (b, 0, h))
   ys = pl.BlockSpec((None, Tp, BV), lambda b, h, iv: (b, 0, h * NV + iv))
-  gs = ([pl.BlockSpec((None, None, Tp, 1), lambda b, h, iv: (b, h, 0, 0)),
-         pl.BlockSpec((None, None, NT, 1, C), lambda b, h, iv: (b, h, 0, 0, 0))]
-        if kind == "scalar" else [])
+  gs = _gla.gate_specs_row(kind, Tp, NT, C, Kp) + _gla.seg_specs(seg, C, NT=NT, Tp=Tp)
   st = pl.BlockSpec((None, None, Kp, BV), lambda b, h, iv: (b, h, 0, iv))
   return pl.pallas_call(
       functools.partial(_state_bwd_kernel_gpu, **statics), out_shape=out_shape,
@@ -185,33 +190,36 @@ def _make_core(gated, C, H, scale, backend, interpret):
   kw = dict(C=C, H=H, scale=scale, backend=backend, interpret=interpret)
   kind = "scalar" if gated else "none"
 
-  def wu(k, v, beta, g):
-    _, w, u, _ = _wy(k, v, beta, g, C, H)
+  def wu(k, v, beta, g, rcol):
+    _, w, u, _ = _wy(k, v, beta, g, C, H, rcol)
     return w, u
 
-  def forward(q, k, v, beta, g, h0):
+  def forward(q, k, v, beta, g, h0, seg):
     dt = q.dtype
-    w, u = wu(k, v, beta, g)
+    w, u = wu(k, v, beta, g, seg[0] if seg else None)
     wl = _to_layout(w).astype(dt)
     gates = _gla.gate_arrays(g, kind, C, H) if gated else ()
     hs, hT, vnew = _gla.state_pass(k, _to_layout(u).astype(dt), gates, h0, reverse=False,
-                                   kind=kind, w=wl, **kw)
+                                   kind=kind, w=wl, seg=seg, **kw)
     return wl, gates, hs, hT, vnew
 
-  def fwd(q, k, v, beta, g, h0):
-    _, gates, hs, hT, vnew = forward(q, k, v, beta, g, h0)
-    o = _gla.output(q, k, vnew, gates, hs, kind=kind, **kw)
-    return (o, hT), (q, k, v, beta, g, h0)
+  def fwd(q, k, v, beta, g, h0, rcol, rrow):
+    seg = () if rcol is None else (rcol, rrow)
+    _, gates, hs, hT, vnew = forward(q, k, v, beta, g, h0, seg)
+    o = _gla.output(q, k, vnew, gates, hs, kind=kind, seg=seg, **kw)
+    return (o, hT), (q, k, v, beta, g, h0, rcol, rrow)
 
   def bwd(res, cts):
-    q, k, v, beta, g, h0 = res
+    q, k, v, beta, g, h0, rcol, rrow = res
+    seg = () if rcol is None else (rcol, rrow)
     do, dhT = cts
     dt = q.dtype
     do = do.astype(dt)
-    (w, u), wy_vjp = jax.vjp(wu, k, v, beta, g)
-    wl, gates, hs, hT, vnew = forward(q, k, v, beta, g, h0)
-    dhs, dh0, dvn = state_bwd(q, k, wl, do, gates, dhT.astype(f32), kind=kind, **kw)
-    dq, dk, _ = _gla.grads(q, k, vnew, gates, hs, do, dhs.astype(hs.dtype), kind=kind, **kw)
+    (w, u), wy_vjp = jax.vjp(lambda k, v, beta, g: wu(k, v, beta, g, rcol), k, v, beta, g)
+    wl, gates, hs, hT, vnew = forward(q, k, v, beta, g, h0, seg)
+    dhs, dh0, dvn = state_bwd(q, k, wl, do, gates, dhT.astype(f32), kind=kind, seg=seg, **kw)
+    dq, dk, _ = _gla.grads(q, k, vnew, gates, hs, do, dhs.astype(hs.dtype), kind=kind,
+                           seg=seg, **kw)
     # back through the WY prep: dw = -dv_new h_c^T, du = dv_new (per chunk, fp32)
     dvc = _from_layout(dvn, C, H)                                  # [B, NT, H, C, Vp]
     dw = -jnp.einsum("bnhcv,bhnkv->bnhck", dvc, hs.astype(f32))
@@ -224,19 +232,20 @@ def _make_core(gated, C, H, scale, backend, interpret):
       read = (w * dw).sum((3, 4))                                 # [B, NT, H]
       t = t.at[:, C - 1:-1:C].add(read[:, 1:])
       dg = cm.reverse_cumsum(t, axis=1) + dg_wy
+    zero = lambda x: None if x is None else jnp.zeros_like(x)
     return (dq.astype(q.dtype), (dk + dk_wy).astype(k.dtype), dv.astype(v.dtype), dbeta, dg,
-            dh0)
+            dh0, zero(rcol), zero(rrow))
 
   @jax.custom_vjp
-  def core(q, k, v, beta, g, h0):
-    return fwd(q, k, v, beta, g, h0)[0]
+  def core(q, k, v, beta, g, h0, rcol, rrow):
+    return fwd(q, k, v, beta, g, h0, rcol, rrow)[0]
 
   core.defvjp(fwd, bwd)
   return core
 
 
 def delta_rule_chunk_impl(q, k, v, beta, g, *, scale, initial_state, output_final_state,
-                          cu_seqlens, chunk_size, interpret, backend):
+                          cu_seqlens, chunk_size, interpret, backend, segment_ids=None):
   B, T, H, K = q.shape
   V = v.shape[-1]
   scale = float(K ** -0.5 if scale is None else scale)
@@ -245,6 +254,7 @@ def delta_rule_chunk_impl(q, k, v, beta, g, *, scale, initial_state, output_fina
     raise ValueError(f"chunk_size must be a power of two >= 16, got {C}")
   if g is not None and g.ndim != 3:
     raise ValueError(f"delta rule gate g must be [B, T, H] (one decay per head), got {g.shape}")
+  _gla._check_segments(segment_ids, cu_seqlens, B, T)
   if cu_seqlens is not None:
     if B != 1:
       raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
@@ -263,7 +273,9 @@ def delta_rule_chunk_impl(q, k, v, beta, g, *, scale, initial_state, output_fina
     h0 = jnp.zeros((B, H, Kp, Vp), f32)
   else:
     h0 = cm.pad_axis(cm.pad_axis(initial_state.astype(f32), 2, Kp), 3, Vp)
+  rcol, rrow = ((None, None) if segment_ids is None
+                else _gla.segment_arrays(segment_ids, Tp, C))
   core = _make_core(g is not None, C, H, scale, backend, interpret)
-  o, S = core(ql, kl, vl, bl, gl, h0)
+  o, S = core(ql, kl, vl, bl, gl, h0, rcol, rrow)
   o = cm.from_kernel_layout(o, T, H, V).astype(v.dtype)
   return o, (S[:, :, :K, :V] if output_final_state else None)

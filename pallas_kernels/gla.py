@@ -59,47 +59,64 @@ def _iota(shape, dim):
   return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def gate_view(kind, raw, C):
+def gate_view(kind, raw, C, seg=None):
   """Derived per-chunk gate quantities from the loaded gate blocks.
 
   scalar: raw = (bcol [C,1], brow [1,C]) -> dict(bcol, brow, blast [1,1])
   channel: raw = (gc [C,Kp], gcol [Kp,1]) -> dict(gc, glast_row [1,Kp], gcol)
+  seg (packed rows): (rcol [C,1], rrow [1,C]) f32, each token's segment run counted from
+  the run the entering state belongs to (0 = that run) -> adds the masks
+    same [C,C] (i, j in one segment), carry [C,1] (token sees the entering state),
+    last [C,1] (token reaches the leaving state), through [1,1] (no boundary in the chunk).
   """
   if kind == "none":
-    return {}
-  if kind == "scalar":
+    gv = {}
+  elif kind == "scalar":
     bcol, brow = raw
     blast = jnp.sum(jnp.where(_iota(brow.shape, 1) == C - 1, brow, 0.0), axis=1, keepdims=True)
-    return dict(bcol=bcol, brow=brow, blast=blast)
-  gc, gcol = raw
-  glast = jnp.sum(jnp.where(_iota(gc.shape, 0) == C - 1, gc, 0.0), axis=0, keepdims=True)
-  return dict(gc=gc, glast_row=glast, gcol=gcol)
+    gv = dict(bcol=bcol, brow=brow, blast=blast)
+  else:
+    gc, gcol = raw
+    glast = jnp.sum(jnp.where(_iota(gc.shape, 0) == C - 1, gc, 0.0), axis=0, keepdims=True)
+    gv = dict(gc=gc, glast_row=glast, gcol=gcol)
+  if seg is not None:
+    rcol, rrow = seg
+    rlast = jnp.sum(jnp.where(_iota(rrow.shape, 1) == C - 1, rrow, 0.0), axis=1, keepdims=True)
+    gv.update(same=rcol == rrow, carry=rcol == 0.0, last=rcol == rlast, through=rlast == 0.0)
+  return gv
+
+
+def _mask(x, gv, name):
+  """x where the segment mask `name` holds, 0 elsewhere (no-op without segments)."""
+  return jnp.where(gv[name], x, 0.0) if name in gv else x
 
 
 def _to_end(x, kind, gv):
-  """x * exp(b_last - b): decay each row to the end of its chunk (x: [C, Kp] f32)."""
+  """x * exp(b_last - b): decay each row to the end of its chunk (x: [C, Kp] f32); rows
+  outside the chunk's last segment do not reach the leaving state."""
   if kind == "scalar":
-    return x * jnp.exp(gv["blast"] - gv["bcol"])
-  if kind == "channel":
-    return x * jnp.exp(gv["glast_row"] - gv["gc"])
-  return x
+    x = x * jnp.exp(gv["blast"] - gv["bcol"])
+  elif kind == "channel":
+    x = x * jnp.exp(gv["glast_row"] - gv["gc"])
+  return _mask(x, gv, "last")
 
 
 def _from_start(x, kind, gv):
-  """x * exp(b): decay from the chunk start (x: [C, Kp] f32)."""
+  """x * exp(b): decay from the chunk start (x: [C, Kp] f32); rows outside the segment
+  of the entering state do not see it."""
   if kind == "scalar":
-    return x * jnp.exp(gv["bcol"])
-  if kind == "channel":
-    return x * jnp.exp(gv["gc"])
-  return x
+    x = x * jnp.exp(gv["bcol"])
+  elif kind == "channel":
+    x = x * jnp.exp(gv["gc"])
+  return _mask(x, gv, "carry")
 
 
 def _decay_state(h, kind, gv):
   if kind == "scalar":
-    return h * jnp.exp(gv["blast"])
-  if kind == "channel":
-    return h * jnp.exp(gv["gcol"])
-  return h
+    h = h * jnp.exp(gv["blast"])
+  elif kind == "channel":
+    h = h * jnp.exp(gv["gcol"])
+  return _mask(h, gv, "through")
 
 
 def state_step(h, x, y, kind, gv, reverse, scale, w=None):
@@ -116,13 +133,15 @@ def state_step(h, x, y, kind, gv, reverse, scale, w=None):
   return h, y
 
 
-def _causal(C):
-  return _iota((C, C), 0) >= _iota((C, C), 1)
+def _causal(C, gv=None):
+  """[C, C] bool: j <= i (and, for packed rows, i and j in one segment)."""
+  mask = _iota((C, C), 0) >= _iota((C, C), 1)
+  return mask & gv["same"] if gv is not None and "same" in gv else mask
 
 
 def _scalar_decay(kind, gv, C):
   """[C, C] f32 decay matrix exp(b_i - b_j) on i >= j, 0 above (mask before exp)."""
-  mask = _causal(C)
+  mask = _causal(C, gv)
   if kind == "none":
     return jnp.where(mask, 1.0, 0.0).astype(f32)
   return jnp.exp(jnp.where(mask, gv["bcol"] - gv["brow"], NEG_INF))
@@ -166,11 +185,28 @@ def _n_gate_refs(kind):
   return {"none": 0, "scalar": 2, "channel": 2}[kind]
 
 
-def _state_kernel_gpu(*refs, kind, NT, C, H, reverse, scale, has_w):
+def _n_extra(kind, has_seg):
+  """Gate refs, then (packed rows) the two segment-run refs, both column + row pairs."""
+  return _n_gate_refs(kind) + (2 if has_seg else 0)
+
+
+def _view(kind, loaded, C, has_seg):
+  """gate_view from the loaded gate (+ segment) blocks of one chunk."""
   ng = _n_gate_refs(kind)
+  return gate_view(kind, tuple(loaded[:ng]) if ng else None, C,
+                   tuple(loaded[ng:]) if has_seg else None)
+
+
+def _load_chunk(refs, c, rows):
+  """GPU loops: (column block rows, row block c) of each (column, row) pair of refs."""
+  return tuple(r[rows, :] if i % 2 == 0 else r[c] for i, r in enumerate(refs))
+
+
+def _state_kernel_gpu(*refs, kind, NT, C, H, reverse, scale, has_w, has_seg):
+  ne = _n_extra(kind, has_seg)
   x_ref, y_ref = refs[:2]
-  g_refs = refs[2:2 + ng]
-  i = 2 + ng
+  e_refs = refs[2:2 + ne]
+  i = 2 + ne
   w_ref = refs[i] if has_w else None
   i += has_w
   h0_ref = refs[i]
@@ -180,13 +216,7 @@ def _state_kernel_gpu(*refs, kind, NT, C, H, reverse, scale, has_w):
   def body(it, h):
     c = NT - 1 - it if reverse else it
     rows = pl.ds(pl.multiple_of(c * C, C), C)
-    if kind == "scalar":
-      raw = (g_refs[0][rows, :], g_refs[1][c])
-    elif kind == "channel":
-      raw = (g_refs[0][rows, :], g_refs[1][c])
-    else:
-      raw = None
-    gv = gate_view(kind, raw, C)
+    gv = _view(kind, _load_chunk(e_refs, c, rows), C, has_seg)
     hs_ref[c] = h.astype(hs_ref.dtype)
     w = w_ref[rows, :] if has_w else None
     h, y = state_step(h, x_ref[rows, :], y_ref[rows, :], kind, gv, reverse, scale, w)
@@ -198,11 +228,11 @@ def _state_kernel_gpu(*refs, kind, NT, C, H, reverse, scale, has_w):
   hT_ref[...] = h
 
 
-def _state_kernel_tpu(*refs, kind, NT, C, H, reverse, scale, has_w):
-  ng = _n_gate_refs(kind)
+def _state_kernel_tpu(*refs, kind, NT, C, H, reverse, scale, has_w, has_seg):
+  ne = _n_extra(kind, has_seg)
   x_ref, y_ref = refs[:2]
-  g_refs = refs[2:2 + ng]
-  i = 2 + ng
+  e_refs = refs[2:2 + ne]
+  i = 2 + ne
   w_ref = refs[i] if has_w else None
   i += has_w
   h0_ref = refs[i]
@@ -217,8 +247,7 @@ def _state_kernel_tpu(*refs, kind, NT, C, H, reverse, scale, has_w):
 
   h = scr[...]
   hs_ref[...] = h.astype(hs_ref.dtype)
-  raw = tuple(r[...] for r in g_refs) if ng else None
-  gv = gate_view(kind, raw, C)
+  gv = _view(kind, tuple(r[...] for r in e_refs), C, has_seg)
   w = w_ref[...] if has_w else None
   h, y = state_step(h, x_ref[...], y_ref[...], kind, gv, reverse, scale, w)
   if has_w:
@@ -240,9 +269,25 @@ def _gate_specs_chunk(kind, C, Kp, cidx):
   return []
 
 
+def seg_specs(seg, C, cidx=None, NT=None, Tp=None):
+  """BlockSpecs of the segment runs (column [B, Tp, 1], row [B, NT, 1, C]): one chunk per
+  program (grid (b, h, c) with cidx, or (b, h, c, iv) without), or whole rows (GPU loops)."""
+  if not seg:
+    return []
+  if Tp is not None:
+    return [pl.BlockSpec((None, Tp, 1), lambda b, h, iv: (b, 0, 0)),
+            pl.BlockSpec((None, NT, 1, C), lambda b, h, iv: (b, 0, 0, 0))]
+  if cidx is not None:
+    return [pl.BlockSpec((None, C, 1), lambda b, h, c: (b, cidx(c), 0)),
+            pl.BlockSpec((None, None, 1, C), lambda b, h, c: (b, cidx(c), 0, 0))]
+  return [pl.BlockSpec((None, C, 1), lambda b, h, c, iv: (b, c, 0)),
+          pl.BlockSpec((None, None, 1, C), lambda b, h, c, iv: (b, c, 0, 0))]
+
+
 def state_pass(x, y, gates, h0, *, kind, C, H, reverse, scale, backend, interpret, w=None,
-               state_dtype=None):
-  """Sequential pass over chunks. Returns (hs [B,H,NT,Kp,Vp], hT [B,H,Kp,Vp] f32, y_new)."""
+               state_dtype=None, seg=()):
+  """Sequential pass over chunks. Returns (hs [B,H,NT,Kp,Vp], hT [B,H,Kp,Vp] f32, y_new).
+  seg: () or the segment runs (column, row) of packed rows (see `segment_arrays`)."""
   B, Tp, HK = x.shape
   Kp, Vp = HK // H, y.shape[-1] // H
   NT = Tp // C
@@ -252,14 +297,16 @@ def state_pass(x, y, gates, h0, *, kind, C, H, reverse, scale, backend, interpre
                jax.ShapeDtypeStruct((B, H, Kp, Vp), f32)]
   if has_w:
     out_shape.append(jax.ShapeDtypeStruct(y.shape, x.dtype))
-  args = [x, y, *gates] + ([w] if has_w else []) + [h0]
-  statics = dict(kind=kind, NT=NT, C=C, H=H, reverse=reverse, scale=scale, has_w=has_w)
+  args = [x, y, *gates, *seg] + ([w] if has_w else []) + [h0]
+  statics = dict(kind=kind, NT=NT, C=C, H=H, reverse=reverse, scale=scale, has_w=has_w,
+                 has_seg=bool(seg))
   if backend == "tpu":
     cidx = (lambda c: NT - 1 - c) if reverse else (lambda c: c)
     xs = pl.BlockSpec((None, C, Kp), lambda b, h, c: (b, cidx(c), h))
     ys = pl.BlockSpec((None, C, Vp), lambda b, h, c: (b, cidx(c), h))
     st = pl.BlockSpec((None, None, Kp, Vp), lambda b, h, c: (b, h, 0, 0))
-    in_specs = [xs, ys, *_gate_specs_chunk(kind, C, Kp, cidx)] + ([xs] if has_w else []) + [st]
+    in_specs = ([xs, ys, *_gate_specs_chunk(kind, C, Kp, cidx), *seg_specs(seg, C, cidx)]
+                + ([xs] if has_w else []) + [st])
     out_specs = [pl.BlockSpec((None, None, None, Kp, Vp), lambda b, h, c: (b, h, cidx(c), 0, 0)),
                  st] + ([ys] if has_w else [])
     return pl.pallas_call(
@@ -273,16 +320,9 @@ def state_pass(x, y, gates, h0, *, kind, C, H, reverse, scale, backend, interpre
   NV = Vp // BV
   xs = pl.BlockSpec((None, Tp, Kp), lambda b, h, iv: (b, 0, h))
   ys = pl.BlockSpec((None, Tp, BV), lambda b, h, iv: (b, 0, h * NV + iv))
-  if kind == "scalar":
-    gs = [pl.BlockSpec((None, None, Tp, 1), lambda b, h, iv: (b, h, 0, 0)),
-          pl.BlockSpec((None, None, NT, 1, C), lambda b, h, iv: (b, h, 0, 0, 0))]
-  elif kind == "channel":
-    gs = [pl.BlockSpec((None, Tp, Kp), lambda b, h, iv: (b, 0, h)),
-          pl.BlockSpec((None, None, NT, Kp, 1), lambda b, h, iv: (b, h, 0, 0, 0))]
-  else:
-    gs = []
   st = pl.BlockSpec((None, None, Kp, BV), lambda b, h, iv: (b, h, 0, iv))
-  in_specs = [xs, ys, *gs] + ([xs] if has_w else []) + [st]
+  in_specs = ([xs, ys, *gate_specs_row(kind, Tp, NT, C, Kp), *seg_specs(seg, C, NT=NT, Tp=Tp)]
+              + ([xs] if has_w else []) + [st])
   out_specs = [pl.BlockSpec((None, None, NT, Kp, BV), lambda b, h, iv: (b, h, 0, 0, iv)),
                st] + ([ys] if has_w else [])
   return pl.pallas_call(
@@ -293,17 +333,29 @@ def state_pass(x, y, gates, h0, *, kind, C, H, reverse, scale, backend, interpre
       interpret=cm.interpret_arg(interpret), name="linjax_state_pass")(*args)
 
 
-def _output_kernel(*refs, kind, C, scale):
-  ng = _n_gate_refs(kind)
+def gate_specs_row(kind, Tp, NT, C, Kp):
+  """GPU loops: BlockSpecs of the gate arrays of a whole (batch, head) row."""
+  if kind == "scalar":
+    return [pl.BlockSpec((None, None, Tp, 1), lambda b, h, iv: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, NT, 1, C), lambda b, h, iv: (b, h, 0, 0, 0))]
+  if kind == "channel":
+    return [pl.BlockSpec((None, Tp, Kp), lambda b, h, iv: (b, 0, h)),
+            pl.BlockSpec((None, None, NT, Kp, 1), lambda b, h, iv: (b, h, 0, 0, 0))]
+  return []
+
+
+def _output_kernel(*refs, kind, C, scale, has_seg):
+  ne = _n_extra(kind, has_seg)
   q_ref, k_ref, v_ref = refs[:3]
-  g_refs = refs[3:3 + ng]
-  h_ref, o_ref = refs[3 + ng:]
+  e_refs = refs[3:3 + ne]
+  h_ref, o_ref = refs[3 + ne:]
   q, k, v = q_ref[...], k_ref[...], v_ref[...]
   dt = q.dtype
-  gv = gate_view(kind, tuple(r[...] for r in g_refs) if ng else None, C)
+  gv = _view(kind, tuple(r[...] for r in e_refs), C, has_seg)
   qf = q.astype(f32)
   if kind == "channel":
-    (a,) = _channel_loop(qf, gv["gc"], k_ref, g_refs[0], C)
+    (a,) = _channel_loop(qf, gv["gc"], k_ref, e_refs[0], C)
+    a = _mask(a, gv, "same")
   else:
     a = _dot_nt(q, k) * _scalar_decay(kind, gv, C)
   qg = _from_start(qf, kind, gv)
@@ -331,7 +383,7 @@ def _chunk_specs(kind, C, Kp, Vp, NV=1):
   return qs, vs, gs, hs
 
 
-def output(q, k, v, gates, hs, *, kind, C, H, scale, backend, interpret):
+def output(q, k, v, gates, hs, *, kind, C, H, scale, backend, interpret, seg=()):
   B, Tp, HK = q.shape
   Kp, Vp = HK // H, v.shape[-1] // H
   NT = Tp // C
@@ -341,26 +393,27 @@ def output(q, k, v, gates, hs, *, kind, C, H, scale, backend, interpret):
       cm.compiler_params("tpu", ("parallel",) * 4) if backend == "tpu"
       else cm.compiler_params("gpu", None, num_warps=4, num_stages=2))
   return pl.pallas_call(
-      functools.partial(_output_kernel, kind=kind, C=C, scale=scale),
+      functools.partial(_output_kernel, kind=kind, C=C, scale=scale, has_seg=bool(seg)),
       out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), grid=(B, H, NT, NV),
-      in_specs=[qs, qs, vs, *gs, hsp], out_specs=vs, compiler_params=cp,
-      interpret=cm.interpret_arg(interpret), name="linjax_chunk_output")(q, k, v, *gates, hs)
+      in_specs=[qs, qs, vs, *gs, *seg_specs(seg, C), hsp], out_specs=vs, compiler_params=cp,
+      interpret=cm.interpret_arg(interpret), name="linjax_chunk_output")(
+          q, k, v, *gates, *seg, hs)
 
 
-def _grads_kernel(*refs, kind, C, scale):
-  ng = _n_gate_refs(kind)
+def _grads_kernel(*refs, kind, C, scale, has_seg):
+  ne = _n_extra(kind, has_seg)
   q_ref, k_ref, v_ref = refs[:3]
-  g_refs = refs[3:3 + ng]
-  h_ref, do_ref, dh_ref, dq_ref, dk_ref, dv_ref = refs[3 + ng:]
+  e_refs = refs[3:3 + ne]
+  h_ref, do_ref, dh_ref, dq_ref, dk_ref, dv_ref = refs[3 + ne:]
   q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
   dt = q.dtype
   h, dh = h_ref[...].astype(dt), dh_ref[...].astype(dt)
-  gv = gate_view(kind, tuple(r[...] for r in g_refs) if ng else None, C)
+  gv = _view(kind, tuple(r[...] for r in e_refs), C, has_seg)
   qf, kf = q.astype(f32), k.astype(f32)
   if kind == "channel":
-    dpm = jnp.where(_causal(C), _dot_nt(do, v), 0.0) * scale
-    a, dq, dk = _channel_loop(qf, gv["gc"], k_ref, g_refs[0], C, dpm=dpm)
-    a = a * scale
+    dpm = jnp.where(_causal(C, gv), _dot_nt(do, v), 0.0) * scale
+    a, dq, dk = _channel_loop(qf, gv["gc"], k_ref, e_refs[0], C, dpm=dpm)
+    a = _mask(a, gv, "same") * scale
   else:
     dmat = _scalar_decay(kind, gv, C)
     a = _dot_nt(q, k) * dmat * scale
@@ -376,7 +429,7 @@ def _grads_kernel(*refs, kind, C, scale):
   dv_ref[...] = dv
 
 
-def grads(q, k, v, gates, hs, do, dhs, *, kind, C, H, scale, backend, interpret):
+def grads(q, k, v, gates, hs, do, dhs, *, kind, C, H, scale, backend, interpret, seg=()):
   B, Tp, HK = q.shape
   Kp, Vp = HK // H, v.shape[-1] // H
   NT = Tp // C
@@ -392,11 +445,11 @@ def grads(q, k, v, gates, hs, do, dhs, *, kind, C, H, scale, backend, interpret)
                jax.ShapeDtypeStruct((NV,) + k.shape, f32),
                jax.ShapeDtypeStruct(v.shape, f32)]
   dq, dk, dv = pl.pallas_call(
-      functools.partial(_grads_kernel, kind=kind, C=C, scale=scale),
+      functools.partial(_grads_kernel, kind=kind, C=C, scale=scale, has_seg=bool(seg)),
       out_shape=out_shape, grid=(B, H, NT, NV),
-      in_specs=[qs, qs, vs, *gs, hsp, vs, hsp], out_specs=[ps, ps, vs], compiler_params=cp,
-      interpret=cm.interpret_arg(interpret), name="linjax_chunk_grads")(
-          q, k, v, *gates, hs, do, dhs)
+      in_specs=[qs, qs, vs, *gs, *seg_specs(seg, C), hsp, vs, hsp], out_specs=[ps, ps, vs],
+      compiler_params=cp, interpret=cm.interpret_arg(interpret), name="linjax_chunk_grads")(
+          q, k, v, *gates, *seg, hs, do, dhs)
   return dq.sum(0), dk.sum(0), dv
 
 
@@ -430,43 +483,74 @@ def gate_token_grad(q, k, dq, dk, kind, H):
   return t
 
 
+def segment_arrays(segment_ids, Tp, C):
+  """Packed rows [B, T] -> the kernels' segment runs: (column [B, Tp, 1], row [B, NT, 1, C])
+  f32. Each token's run (a new run wherever the id changes) counted from the run of the
+  token before its chunk (chunk 0: the row's first run, which initial_state feeds), so 0
+  means "continues the entering state". Padding joins the last run."""
+  seg = jnp.asarray(segment_ids)
+  B, T = seg.shape
+  runs = jnp.concatenate([jnp.zeros((B, 1), jnp.int32),
+                          jnp.cumsum(seg[:, 1:] != seg[:, :-1], axis=1, dtype=jnp.int32)], 1)
+  runs = jnp.pad(runs, ((0, 0), (0, Tp - T)), mode="edge").reshape(B, Tp // C, C)
+  enter = jnp.concatenate([runs[:, :1, 0], runs[:, :-1, -1]], axis=1)      # [B, NT]
+  rel = (runs - enter[..., None]).astype(f32)
+  return rel.reshape(B, Tp, 1), rel[:, :, None, :]
+
+
 @functools.lru_cache(maxsize=None)
 def _make_core(kind, C, H, scale, backend, interpret):
   kw = dict(kind=kind, C=C, H=H, scale=scale, backend=backend, interpret=interpret)
 
-  def fwd(q, k, v, g, h0):
+  def fwd(q, k, v, g, h0, rcol, rrow):
+    seg = () if rcol is None else (rcol, rrow)
     gates = gate_arrays(g, kind, C, H)
-    hs, hT = state_pass(k, v, gates, h0, reverse=False, **kw)[:2]
-    o = output(q, k, v, gates, hs, **kw)
-    return (o, hT), (q, k, v, g, h0, hs, hT)
+    hs, hT = state_pass(k, v, gates, h0, reverse=False, seg=seg, **kw)[:2]
+    o = output(q, k, v, gates, hs, seg=seg, **kw)
+    return (o, hT), (q, k, v, g, h0, rcol, rrow, hs, hT)
 
   def bwd(res, cts):
-    q, k, v, g, h0, hs, hT = res
+    q, k, v, g, h0, rcol, rrow, hs, hT = res
+    seg = () if rcol is None else (rcol, rrow)
     do, dhT = cts
     do = do.astype(v.dtype)
     gates = gate_arrays(g, kind, C, H)
-    dhs, dh0 = state_pass(q, do, gates, dhT.astype(f32), reverse=True, **kw)[:2]
-    dq, dk, dv = grads(q, k, v, gates, hs, do, dhs, **kw)
+    dhs, dh0 = state_pass(q, do, gates, dhT.astype(f32), reverse=True, seg=seg, **kw)[:2]
+    dq, dk, dv = grads(q, k, v, gates, hs, do, dhs, seg=seg, **kw)
     if kind == "none":
       dg = None
     else:
+      # every term is x_i y_j exp(B_i - B_j) inside one segment, so the identity holds
+      # with the segment masks too
       t = gate_token_grad(q, k, dq, dk, kind, H)
       fin = hT * dhT                                          # [B, H, Kp, Vp]
       fin = fin.sum((2, 3)) if kind == "scalar" else fin.sum(3).reshape(fin.shape[0], -1)
       t = t.at[:, -1].add(fin)
       dg = cm.reverse_cumsum(t, axis=1)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dh0
+    zero = lambda x: None if x is None else jnp.zeros_like(x)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dh0,
+            zero(rcol), zero(rrow))
 
   @jax.custom_vjp
-  def core(q, k, v, g, h0):
-    return fwd(q, k, v, g, h0)[0]
+  def core(q, k, v, g, h0, rcol, rrow):
+    return fwd(q, k, v, g, h0, rcol, rrow)[0]
 
   core.defvjp(fwd, bwd)
   return core
 
 
+def _check_segments(segment_ids, cu_seqlens, B, T):
+  if segment_ids is None:
+    return
+  if cu_seqlens is not None:
+    raise ValueError("pass either `cu_seqlens` (B = 1 packing) or `segment_ids`, not both")
+  if getattr(segment_ids, "shape", None) != (B, T):
+    raise ValueError(f"`segment_ids` must have shape [B, T] = {(B, T)}, got "
+                     f"{getattr(segment_ids, 'shape', None)}")
+
+
 def gla_chunk_impl(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens,
-                   chunk_size, interpret, backend):
+                   chunk_size, interpret, backend, segment_ids=None):
   """The whole op for one backend ("gpu" or "tpu" style kernels)."""
   B, T, H, K = q.shape
   V = v.shape[-1]
@@ -475,6 +559,7 @@ def gla_chunk_impl(q, k, v, g, *, scale, initial_state, output_final_state, cu_s
   if C < 16 or C & (C - 1):
     raise ValueError(f"chunk_size must be a power of two >= 16, got {C}")
   kind = "none" if g is None else ("scalar" if g.ndim == 3 else "channel")
+  _check_segments(segment_ids, cu_seqlens, B, T)
   if cu_seqlens is not None:
     if B != 1:
       raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
@@ -497,7 +582,8 @@ def gla_chunk_impl(q, k, v, g, *, scale, initial_state, output_final_state, cu_s
     h0 = jnp.zeros((B, H, Kp, Vp), f32)
   else:
     h0 = cm.pad_axis(cm.pad_axis(initial_state.astype(f32), 2, Kp), 3, Vp)
+  rcol, rrow = (None, None) if segment_ids is None else segment_arrays(segment_ids, Tp, C)
   core = _make_core(kind, C, H, scale, backend, interpret)
-  o, S = core(ql, kl, vl, gl, h0)
+  o, S = core(ql, kl, vl, gl, h0, rcol, rrow)
   o = cm.from_kernel_layout(o, T, H, V).astype(v.dtype)
   return o, (S[:, :, :K, :V] if output_final_state else None)

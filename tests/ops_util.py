@@ -163,5 +163,3 @@ def check_segment_id_errors(op):
   one = {n: (x if x is None else x[:1]) for n, x in inp.items()}
   with pytest.raises(ValueError, match="not both"):
     fn(**one, segment_ids=seg[:1], cu_seqlens=jnp.array([0, 20]))
-  with pytest.raises(NotImplementedError, match="pallas.*segment_ids"):
-    fn(**inp, segment_ids=seg, method="pallas")

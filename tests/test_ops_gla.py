@@ -244,7 +244,8 @@ def test_errors_name_the_argument(bad, match):
 @pytest.mark.parametrize("gate,method", [
     (None, "chunk"), ("channel", "chunk"), pytest.param("head", "assoc_scan", marks=pytest.mark.slow),
     pytest.param("channel", "parallel", marks=pytest.mark.slow),
-    pytest.param("head", "recurrent", marks=pytest.mark.slow)])
+    pytest.param("head", "recurrent", marks=pytest.mark.slow),
+    pytest.param("channel", "pallas", marks=pytest.mark.slow)])
 def test_segment_ids_reset_per_document(gate, method):
   """Packed [B, T] rows vs the token-by-token reference (state zeroed wherever the id
   changes): values, final state, every gradient; one document == a separate call."""

@@ -190,6 +190,40 @@ def test_delta_varlen_with_empty_sequence():
   _compare(*_delta_fns(16, "gpu", cu_seqlens=cu), args, F32_TOL, F32_TOL)
 
 
+# --------------------------------------------------------------------- packed rows (segments)
+
+def _segment_fns(op, backend, seg, interpret=FAST, C=16):
+  def ker(q, k, v, g, h0, beta=None):
+    kw = dict(scale=None, initial_state=h0, output_final_state=True, cu_seqlens=None,
+              chunk_size=C, interpret=interpret, backend=backend, segment_ids=seg)
+    if op == "gla":
+      return gla_chunk_impl(q, k, v, g, **kw)
+    return delta_rule_chunk_impl(q, k, v, beta, g, **kw)
+
+  def ref(q, k, v, g, h0, beta=None):
+    kw = dict(initial_state=h0, output_final_state=True, segment_ids=seg)
+    return R.gla(q, k, v, g, **kw) if op == "gla" else R.delta_rule(q, k, v, beta, g, **kw)
+  return ker, ref
+
+
+@pytest.mark.parametrize("op,kind,backend", [
+    ("gla", "channel", "gpu"), ("delta", "scalar", "tpu"),
+    pytest.param("gla", "none", "tpu", marks=pytest.mark.slow),
+    pytest.param("gla", "scalar", "gpu", marks=pytest.mark.slow),
+    pytest.param("gla", "channel", "tpu", marks=pytest.mark.slow),
+    pytest.param("delta", "none", "gpu", marks=pytest.mark.slow)])
+def test_segment_ids(op, kind, backend):
+  """Packed [B, T] rows (boundaries inside and on chunk edges, a returning id, padding, a
+  row without boundaries) vs the token-by-token reference: values and every gradient."""
+  from tests.ops_util import packed_segment_ids
+  B, T = 3, 70
+  seg = packed_segment_ids(B, T)
+  args = _inputs(12, B, T, 2, 32, 16, jnp.float32, kind, beta=op == "delta",
+                 normalize_k=op == "delta")
+  interpret = NAN_CHECK if backend == "tpu" else FAST
+  _compare(*_segment_fns(op, backend, seg, interpret), args, F32_TOL, F32_TOL)
+
+
 # ------------------------------------------------------------------------------ slow matrix
 
 @pytest.mark.slow

@@ -93,3 +93,24 @@ def test_head_dim_256_lowers(platform, op):
                                              output_final_state=True)
   for f in _fwd_bwd(fn, len(args)):
     _export(f, platform, *args)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("op", ["gla_scalar", "delta_gated"])
+def test_segment_ids_lower(platform, op):
+  """Packed rows (segment_ids) through the kernels, forward and forward + backward."""
+  seg = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 50, (B, T))
+  args = [sd((B, T, H, K)), sd((B, T, H, K)), sd((B, T, H, V)), sd((B, H, K, V), jnp.float32),
+          sd((B, T, H), jnp.float32)]
+  if op == "gla_scalar":
+    def fn(q, k, v, h0, g):
+      return pallas_kernels.gla_chunk(q, k, v, g, initial_state=h0, output_final_state=True,
+                                      segment_ids=seg)
+  else:
+    args.append(sd((B, T, H), jnp.float32))
+
+    def fn(q, k, v, h0, beta, g):
+      return pallas_kernels.delta_rule_chunk(q, k, v, beta, g, initial_state=h0,
+                                             output_final_state=True, segment_ids=seg)
+  for f in _fwd_bwd(fn, len(args)):
+    _export(f, platform, *args)

@@ -68,7 +68,7 @@ def masked_exp(x, mask):
 # ------------------------------------------------------------------ packed segments
 
 def check_segment_ids(segment_ids, B, T, cu_seqlens, method):
-  """Validate `segment_ids` ([B, T] int) and return the method to run them with."""
+  """Validate `segment_ids` ([B, T] int); returns `method` (every method takes them)."""
   if segment_ids is None:
     return method
   if cu_seqlens is not None:
@@ -79,11 +79,7 @@ def check_segment_ids(segment_ids, B, T, cu_seqlens, method):
                      f"{getattr(segment_ids, 'shape', None)}")
   if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
     raise ValueError(f"`segment_ids` must be an integer array, got dtype {segment_ids.dtype}")
-  if method == "pallas":
-    raise NotImplementedError(
-        "method='pallas' does not take `segment_ids` yet: use method='chunk' (what 'auto' "
-        "picks for segment_ids), or pack with `cu_seqlens` at B = 1")
-  return "chunk" if method == "auto" else method
+  return method
 
 
 def segment_runs(segment_ids):

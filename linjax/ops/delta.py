@@ -70,7 +70,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     o, S = pallas_kernel("delta_rule_chunk")(
         q, k, v, beta, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-        interpret=jax.default_backend() == "cpu")
+        interpret=jax.default_backend() == "cpu", segment_ids=segment_ids)
   else:
     runs = None if segment_ids is None else segment_runs(segment_ids)
     run = functools.partial(_delta_dense, scale=scale, method=method, chunk_size=chunk_size,

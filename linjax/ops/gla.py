@@ -128,7 +128,7 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=F
     o, S = pallas_kernel("gla_chunk")(
         q, k, v, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-        interpret=jax.default_backend() == "cpu")
+        interpret=jax.default_backend() == "cpu", segment_ids=segment_ids)
     o = o.astype(F32)
   else:
     runs = None if segment_ids is None else segment_runs(segment_ids)
