@@ -15,6 +15,14 @@ reverse-cumsummed over the sequence.
 Per-channel gates never form exp of a positive number: the intra-chunk scores are built one
 key column j at a time as sum_k q_ik k_jk exp(b_ik - b_jk), masked (i >= j) before the exp.
 
+Packed rows (segment_ids [B, T]; the state resets wherever the id changes): each token
+carries its segment run counted from the run of the state entering its chunk
+(`segment_arrays`), and `gate_view` turns that into four masks the step helpers apply:
+same-segment pairs in the intra-chunk scores, only the entering run reads h_c, only the
+chunk's last run writes h_{c+1}, and the decay of h_c through the chunk is cut at a
+boundary. The gate-gradient identity still holds, since every surviving term is a
+q_i k_j exp(B_i - B_j) pair inside one segment.
+
 Two lowerings of the same step functions: GPU (Pallas Triton) runs the sequential state pass
 as a loop inside one program per (batch, head, V tile); TPU (Pallas Mosaic) runs it as an
 "arbitrary" grid axis over chunks with the state in a VMEM scratch buffer.
