@@ -1,8 +1,9 @@
 """The `linjax` command.
 
   linjax convert SRC DST [--to linjax|hf] [--dtype bfloat16] [--max-shard-size 2GB]
-  linjax generate --model PATH --prompt "..." [--max-new-tokens 64 --temperature 0
-                  --top-p 1.0 --seed 0]
+  linjax generate --model PATH --prompt "..." [--prompt "..." ...] [--max-new-tokens 64
+                  --temperature 0 --top-p 1.0 --seed 0]   (one prompt streams; several
+                  run as one left-padded batch)
   linjax train --config experiments/x.py:arg --workdir DIR     (forwards to linjax.train)
   linjax eval ...                                               (forwards to linjax.eval.cli)
 
@@ -41,16 +42,21 @@ def _generate(args):
   if args.chat and getattr(tok, "chat_template", None):
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                        add_generation_prompt=True) for p in prompts]
-  for i, p in enumerate(prompts):
-    if len(prompts) > 1:
-      print(f"--- [{i}]", flush=True)
+  kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed)
+  if len(prompts) == 1:  # one prompt: stream the text as it comes
     if args.echo:
-      sys.stdout.write(args.prompt[i])
-    generate_text(model, tok, p, stream=lambda _, s: (sys.stdout.write(s), sys.stdout.flush()),
-                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_p=args.top_p, seed=args.seed)
+      sys.stdout.write(args.prompt[0])
+    generate_text(model, tok, prompts[0],
+                  stream=lambda _, s: (sys.stdout.write(s), sys.stdout.flush()), **kw)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    return 0
+  # several prompts: one left-padded batch, printed in order when done
+  texts = generate_text(model, tok, prompts, **kw)
+  for i, text in enumerate(texts):
+    print(f"--- [{i}]")
+    print((args.prompt[i] if args.echo else "") + text, flush=True)
   return 0
 
 

@@ -41,6 +41,19 @@ def test_convert_and_generate(hf_dir, tmp_path, capsys):
                                              eos_token_id=tok.eos_token_id, pad_token_id=0)
   want = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).split()
   assert out == want
+  # several prompts run as one batch; each row equals its own single-prompt run
+  prompts = ["w5 w6 w7", "w9", "w3 w4 w5 w6 w8"]
+  singles = []
+  for p in prompts:
+    main(["generate", "--model", str(lj), "--prompt", p, "--max-new-tokens", "5"])
+    singles.append(capsys.readouterr().out.strip())
+  argv = ["generate", "--model", str(lj), "--max-new-tokens", "5"]
+  for p in prompts:
+    argv += ["--prompt", p]
+  assert main(argv) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0::2] == ["--- [0]", "--- [1]", "--- [2]"]
+  assert [l.strip() for l in lines[1::2]] == singles
 
 
 def test_cli_errors_and_module_entry(tmp_path):
