@@ -12,8 +12,10 @@ leaving chunk c) and dh0; kernel `grads` gives dq, dk, dv for all chunks in para
 gradient follows outside from dL/d(cumsum g)_t = q_t dq_t - k_t dk_t (+ S_T dS_T at the end),
 reverse-cumsummed over the sequence.
 
-Per-channel gates never form exp of a positive number: the intra-chunk scores are built one
-key column j at a time as sum_k q_ik k_jk exp(b_ik - b_jk), masked (i >= j) before the exp.
+Per-channel gates never form exp of a positive number: the intra-chunk scores are built in
+sub-chunks of 16 (`_channel_intra`): off-diagonal blocks as matmuls of factors anchored at
+the token before the query sub-chunk (both <= 1), diagonal blocks one key column at a time,
+masked (i >= j) before the exp.
 
 Packed rows (segment_ids [B, T]; the state resets wherever the id changes): each token
 carries its segment run counted from the run of the state entering its chunk
@@ -155,36 +157,77 @@ def _scalar_decay(kind, gv, C):
   return jnp.exp(jnp.where(mask, gv["bcol"] - gv["brow"], NEG_INF))
 
 
-def _channel_loop(q, gc, k_ref, gc_ref, C, dpm=None):
-  """Per-channel intra-chunk terms, one key column j at a time.
+SUB = 16  # sub-chunk of the per-channel intra-chunk scores
 
-  Returns A [C, C] = sum_k q_ik k_jk exp(gc_ik - gc_jk) (i >= j), and with dpm (masked
-  dL/dA, [C,C]) also the intra-chunk dq, dk. q: [C,Kp] f32, gc: [C,Kp] f32.
+
+def _channel_intra(q_ref, k_ref, gc_ref, C, dpm=None):
+  """Per-channel intra-chunk terms A_ij = sum_k q_ik k_jk exp(gc_ik - gc_jk) (j <= i), built
+  in sub-chunks of 16 (the layout of fla's chunk_gla): a diagonal [16, 16] block one key
+  column at a time, with the decay masked before the exp ([16, K] exps per column, not
+  [C, K]); each sub-chunk's off-diagonal row as one matmul of q exp(gc - gc_p) by
+  k exp(gc_p - gc) (keys before the sub-chunk, zero after), p the token before the query
+  sub-chunk (both factors <= 1).
+
+  Returns A [C, C] f32 and, with dpm (masked dL/dA [C, C] f32), the intra-chunk dq, dk
+  [C, Kp] f32. Blocks move into place through 0/1 selection matmuls in f32 (exact).
   """
-  Kp = q.shape[1]
-  rows = _iota((C, Kp), 0)
-  cols_cc = _iota((C, C), 1)
-  rows_c1 = _iota((C, 1), 0)
+  s = min(SUB, C)
+  m = C // s
+  Kp = q_ref.shape[-1]
+  dt = q_ref.dtype
+  rows_s = _iota((s, 1), 0)
+  cols_ss = _iota((s, s), 1)
+  A = jnp.zeros((C, C), f32)
+  grads = dpm is not None
+  if grads:
+    dq = jnp.zeros((C, Kp), f32)
+    dk = jnp.zeros((C, Kp), f32)
+  for a in range(m):
+    lo = a * s
+    E = (_iota((s, C), 1) == _iota((s, C), 0) + lo).astype(f32)      # row r -> column lo+r
+    qa = q_ref[pl.ds(lo, s), :].astype(f32)
+    ga = gc_ref[pl.ds(lo, s), :]
+    if grads:
+      dpm_rows = _dot(E, dpm)                                         # [s, C]
+      dA_diag = _dot_nt(dpm_rows, E)                                  # [s, s]
 
-  def body(j, carry):
-    kj = k_ref[pl.ds(j, 1), :].astype(f32)               # [1, Kp]
-    gj = gc_ref[pl.ds(j, 1), :]                           # [1, Kp]
-    e = jnp.exp(jnp.where(rows >= j, gc - gj, NEG_INF))  # [C, Kp]
-    qe = q * e
-    col = jnp.sum(qe * kj, axis=1, keepdims=True)         # [C, 1]
-    if dpm is None:
-      (a,) = carry
-      return (a + jnp.where(cols_cc == j, col, 0.0),)
-    a, dq, dk = carry
-    dpc = jnp.sum(jnp.where(cols_cc == j, dpm, 0.0), axis=1, keepdims=True)  # [C, 1]
-    dq = dq + dpc * kj * e
-    dk = dk + jnp.where(rows_c1 == j, jnp.sum(dpc * qe, axis=0, keepdims=True), 0.0)
-    return (a + jnp.where(cols_cc == j, col, 0.0), dq, dk)
+    def diag(r, carry, lo=lo, qa=qa, ga=ga):
+      kj = k_ref[pl.ds(lo + r, 1), :].astype(f32)                     # [1, Kp]
+      gj = gc_ref[pl.ds(lo + r, 1), :]
+      e = jnp.exp(jnp.where(rows_s >= r, ga - gj, NEG_INF))           # [s, Kp]
+      qe = qa * e
+      col = jnp.sum(qe * kj, axis=1, keepdims=True)                   # [s, 1]
+      D = carry[0] + jnp.where(cols_ss == r, col, 0.0)
+      if not grads:
+        return (D,)
+      _, dqa, dka = carry
+      dpc = jnp.sum(jnp.where(cols_ss == r, dA_diag, 0.0), axis=1, keepdims=True)
+      dqa = dqa + dpc * kj * e
+      dka = dka + jnp.where(rows_s == r, jnp.sum(dpc * qe, axis=0, keepdims=True), 0.0)
+      return (D, dqa, dka)
 
-  init = (jnp.zeros((C, C), f32),)
-  if dpm is not None:
-    init = init + (jnp.zeros((C, Kp), f32), jnp.zeros((C, Kp), f32))
-  return lax.fori_loop(0, C, body, init)
+    init = (jnp.zeros((s, s), f32),)
+    if grads:
+      init += (jnp.zeros((s, Kp), f32), jnp.zeros((s, Kp), f32))
+    out = lax.fori_loop(0, s, diag, init)
+    A_row = _dot(out[0], E)                                           # [s, C]
+    if grads:
+      dqa, dka = out[1], out[2]
+    if a > 0:  # keys j < lo; whole-chunk arrays, as Triton wants power-of-two shapes
+      gp = gc_ref[pl.ds(lo - 1, 1), :]                                # [1, Kp]
+      e_q = jnp.exp(ga - gp)                                          # <= 1
+      qd = (qa * e_q).astype(dt)
+      e_k = jnp.exp(jnp.where(_iota((C, 1), 0) < lo, gp - gc_ref[...], NEG_INF))  # [C, Kp]
+      kd = (k_ref[...].astype(f32) * e_k).astype(dt)                  # 0 from row lo on
+      A_row = A_row + _dot_nt(qd, kd)
+      if grads:
+        dqa = dqa + _dot(dpm_rows.astype(dt), kd) * e_q
+        dk = dk + _dot_tn(dpm_rows.astype(dt), qd) * e_k
+    A = A + _dot_tn(E, A_row)
+    if grads:
+      dq = dq + _dot_tn(E, dqa)
+      dk = dk + _dot_tn(E, dka)
+  return (A, dq, dk) if grads else (A,)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -362,7 +405,7 @@ def _output_kernel(*refs, kind, C, scale, has_seg):
   gv = _view(kind, tuple(r[...] for r in e_refs), C, has_seg)
   qf = q.astype(f32)
   if kind == "channel":
-    (a,) = _channel_loop(qf, gv["gc"], k_ref, e_refs[0], C)
+    (a,) = _channel_intra(q_ref, k_ref, e_refs[0], C)
     a = _mask(a, gv, "same")
   else:
     a = _dot_nt(q, k) * _scalar_decay(kind, gv, C)
@@ -420,7 +463,7 @@ def _grads_kernel(*refs, kind, C, scale, has_seg):
   qf, kf = q.astype(f32), k.astype(f32)
   if kind == "channel":
     dpm = jnp.where(_causal(C, gv), _dot_nt(do, v), 0.0) * scale
-    a, dq, dk = _channel_loop(qf, gv["gc"], k_ref, e_refs[0], C, dpm=dpm)
+    a, dq, dk = _channel_intra(q_ref, k_ref, e_refs[0], C, dpm=dpm)
     a = _mask(a, gv, "same") * scale
   else:
     dmat = _scalar_decay(kind, gv, C)
