@@ -151,3 +151,39 @@ def test_recipe_summary_table_and_png(tmp_path, capsys):
   (tmp_path / "broken.json").write_text("{")
   with pytest.raises(ValueError, match="broken.json"):
     summary.load_runs(str(tmp_path))
+
+
+def test_finetune_rate_follows_the_budget():
+  """The cosine runs over the steps or the time budget, whichever ends first, and the rate
+  handed to the jitted step is the one Adam applies (first Adam step moves each weight by
+  about the rate)."""
+  from linjax.layers.lora import apply_lora
+  from linjax.layers.params import LoRAParam
+
+  def student():
+    m = linearize(tiny_llama(layers=1), "gla")
+    apply_lora(m, rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    return m
+  assert recipes.budget_lr(1e-3, 0, 0.0) == pytest.approx(1e-3)
+  assert recipes.budget_lr(1e-3, 9, 0.5) == pytest.approx(0.55e-3)
+  assert recipes.budget_lr(1e-3, 50, 1.0) == pytest.approx(1e-4)
+  assert recipes.budget_lr(1e-3, 1, 0.0, warmup=4) == pytest.approx(0.5e-3)
+  batches = np.asarray(tokens(B=1, T=33, seed=3))[None].repeat(6, 0)
+  # no budget: cosine over the 6 steps
+  model = student()
+  h = recipes.finetune(model, batches, lr=1e-2, trainable=LoRAParam, progress=False, log=None)
+  np.testing.assert_allclose(h["lr"], [recipes.budget_lr(1e-2, i, i / 5) for i in range(6)])
+  # a budget that ends right after the compiling step: the next step runs at the floor
+  model = student()
+  h = recipes.finetune(model, batches, lr=1e-2, trainable=LoRAParam, progress=False, log=None,
+                       time_budget=1e-9)
+  assert h["steps"] == 2 and h["lr"] == pytest.approx([1e-2, 1e-3])
+  # the rate reaches Adam: one step at rate r moves the LoRA weights by about r at most
+  for r in (1e-2, 1e-4):
+    model = student()
+    before = jax.tree.map(np.asarray, nnx.state(model, LoRAParam))
+    recipes.finetune(model, batches[:1], lr=r, trainable=LoRAParam, progress=False, log=None)
+    after = jax.tree.map(np.asarray, nnx.state(model, LoRAParam))
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after),
+                                                            jax.tree.leaves(before)))
+    assert 0.5 * r < moved <= 1.01 * r, (r, moved)
