@@ -66,6 +66,7 @@ def main(argv=None):
   from linjax.layers.params import LoRAParam
   from linjax.linearize import linearize
   from linjax.linearize import recipes as R
+  from linjax.linearize.run import machine
   from linjax.train.data import smollm2_gguf_path
 
   say = lambda *a: print(*a, flush=True)
@@ -171,7 +172,14 @@ def main(argv=None):
     say(f"  {p!r} -> {t!r}")
   total = time.time() - t_start
   say(f"Total time {total / 60:.1f} min")
-  summary = {"results": results, "tokens": tokens_used, "stage1": {k: h1[k] for k in ("steps", "tokens", "seconds")},
+  s_res = results["LoLCATs student"]
+  # The recipe-run fields (`python -m linjax.linearize.run` writes the same ones) let
+  # `python -m linjax.linearize.summary` put the demo beside the recipe runs.
+  summary = {"name": f"lolcats_{args.variant}_smollm2_demo", "ppl": s_res["ppl"],
+             "ppl_ratio": s_res["ppl"] / t_ppl, "top1": s_res["top1"],
+             "wall_seconds": total, "machine": machine(),
+             "command": "python -m linjax.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
+             "results": results, "tokens": tokens_used, "stage1": {k: h1[k] for k in ("steps", "tokens", "seconds")},
              "stage2": {k: h2[k] for k in ("steps", "tokens", "seconds")}, "seconds": total,
              "generations": dict(zip(PROMPTS, texts)), "quick": args.quick}
   with open(os.path.join(args.workdir, "summary.json"), "w") as f:

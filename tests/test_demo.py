@@ -20,3 +20,10 @@ def test_demo_quick(tmp_path, capsys):
   res = summary["results"]
   assert res["LoLCATs student"]["ppl"] > 1 and 0 <= res["LoLCATs student"]["top1"] <= 1
   assert summary["stage1"]["steps"] >= 1 and summary["stage2"]["steps"] >= 1
+  # The summary.json is a recipe-run record: the results summary tool reads it.
+  from linjax.linearize import summary as S
+  runs = S.load_runs(str(tmp_path))
+  assert [r["name"] for r in runs] == ["lolcats_sw_smollm2_demo"]
+  t_ppl = res["teacher (softmax)"]["ppl"]
+  assert runs[0]["ppl_ratio"] == pytest.approx(res["LoLCATs student"]["ppl"] / t_ppl)
+  assert runs[0]["tokens"] == summary["stage1"]["tokens"] + summary["stage2"]["tokens"]
