@@ -57,6 +57,7 @@ def plot(runs: list[dict], path: str, baseline=None) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import NullFormatter
 
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
   for r in runs:
@@ -74,6 +75,7 @@ def plot(runs: list[dict], path: str, baseline=None) -> str:
   a2.set_ylabel("top-1 agreement with the teacher (%)")
   for ax in (a1, a2):
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
     ax.set_xlabel("training tokens")
     ax.grid(alpha=0.3, which="both")
   a1.legend(fontsize=7)
