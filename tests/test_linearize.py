@@ -187,3 +187,25 @@ def test_finetune_rate_follows_the_budget():
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after),
                                                             jax.tree.leaves(before)))
     assert 0.5 * r < moved <= 1.01 * r, (r, moved)
+
+
+def test_finetune_records_grad_norm_and_stops_on_non_finite_loss():
+  """hist["grad_norm"][0] is the global norm of the LoRA gradient at the start (computed
+  here separately, before any update); a NaN weight stops the run with a named error."""
+  from linjax.layers.lora import apply_lora
+  from linjax.layers.params import LoRAParam
+  from linjax.train.trainer import NonFiniteLossError
+
+  m = linearize(tiny_llama(layers=1), "gla")
+  apply_lora(m, rank=4, alpha=8, targets=("q_proj", "v_proj"))
+  nnx.update(m, jax.tree.map(lambda a: a + 0.05, nnx.state(m, LoRAParam)))  # B != 0: all grads live
+  batches = np.asarray(tokens(B=1, T=33, seed=4))[None].repeat(2, 0)
+  ref = nnx.clone(m)
+  g = nnx.grad(recipes.lm_loss, argnums=nnx.DiffState(0, LoRAParam))(ref, jnp.asarray(batches[0]))
+  want = float(np.sqrt(sum(float((np.asarray(x) ** 2).sum()) for x in jax.tree.leaves(g))))
+  h = recipes.finetune(m, batches, lr=1e-3, trainable=LoRAParam, progress=False, log=None)
+  assert want > 0 and h["grad_norm"][0] == pytest.approx(want, rel=1e-5)
+  assert len(h["grad_norm"]) == 2
+  nnx.update(m, jax.tree.map(lambda a: a * np.nan, nnx.state(m, LoRAParam)))
+  with pytest.raises(NonFiniteLossError, match="fine-tune.*non-finite loss.*step 0"):
+    recipes.finetune(m, batches, lr=1e-3, trainable=LoRAParam, progress=False, log=None)

@@ -159,6 +159,7 @@ def attention_transfer(model, batches, *, lr: float = 1e-2, kind: str = "mse",
     for _ in range(inner_steps):
       loss, _ = step(model, opt, qkvs)
     loss = float(loss)
+    _check_finite(loss, "attention transfer", i)
     hist["loss"].append(loss)
     hist["tokens"] += int(np.prod(batches[i].shape))
     hist["steps"] += 1
@@ -179,6 +180,13 @@ def attention_transfer(model, batches, *, lr: float = 1e-2, kind: str = "mse",
 # ----------------------------------------------------------------------------------------
 # stage 2 / Liger / SUPRA: cross-entropy fine-tuning
 # ----------------------------------------------------------------------------------------
+
+def _check_finite(loss: float, stage: str, step: int):
+  if not math.isfinite(loss):
+    from linjax.train.trainer import NonFiniteLossError
+    raise NonFiniteLossError(f"{stage}: non-finite loss ({loss}) at step {step}; stopping "
+                             "(lower the learning rate or check the inputs)")
+
 
 def lm_loss(model, tokens):
   logits, _ = model(tokens)
@@ -202,6 +210,7 @@ def finetune(model, batches, *, lr: float = 1e-3, trainable=LoRAParam, warmup: i
              progress: bool = True, log_every: int = 10, log=print, mode: str = "chunk"):
   """Next-token cross-entropy on the `trainable` parameters. Returns a history dict.
 
+  The history holds per-step loss, learning rate and gradient norm (before the clip to 1).
   Learning rate: linear warmup over `warmup` steps, then a cosine from `lr` to `lr / 10`
   over the run. With a `time_budget` the run's end is whichever comes first, the last batch
   or the budget, so a time-limited run still decays fully (a step-count cosine would keep
@@ -221,9 +230,9 @@ def finetune(model, batches, *, lr: float = 1e-3, trainable=LoRAParam, warmup: i
     loss, grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, trainable))(model, tokens)
     opt.opt_state[1].hyperparams["learning_rate"].value = rate
     opt.update(model, grads)
-    return loss
+    return loss, optax.global_norm(grads)
 
-  hist = {"loss": [], "tokens": 0, "steps": 0, "seconds": 0.0, "lr": []}
+  hist = {"loss": [], "tokens": 0, "steps": 0, "seconds": 0.0, "lr": [], "grad_norm": []}
   t0 = time.time()
   t_run = None
   it = _progress(range(n), n, "fine-tune (cross-entropy)", progress)
@@ -233,14 +242,17 @@ def finetune(model, batches, *, lr: float = 1e-3, trainable=LoRAParam, warmup: i
       done = max(done, (time.time() - t_run) / time_budget)
     rate = budget_lr(lr, i, min(done, 1.0), warmup)
     hist["lr"].append(rate)
-    loss = float(step(model, opt, jnp.asarray(batches[i]), jnp.float32(rate)))
+    loss, gnorm = step(model, opt, jnp.asarray(batches[i]), jnp.float32(rate))
+    loss = float(loss)
+    _check_finite(loss, "fine-tune (cross-entropy)", i)
     hist["loss"].append(loss)
+    hist["grad_norm"].append(float(gnorm))  # before clipping to 1.0
     hist["tokens"] += int(np.prod(batches[i].shape))
     hist["steps"] += 1
     if progress and hasattr(it, "set_postfix"):
-      it.set_postfix(loss=f"{loss:.3f}")
+      it.set_postfix(loss=f"{loss:.3f}", gnorm=f"{hist['grad_norm'][-1]:.2g}")
     elif log and (i % log_every == 0):
-      log(f"  step {i}: ce {loss:.4f}")
+      log(f"  step {i}: ce {loss:.4f}  grad norm {hist['grad_norm'][-1]:.3g}  lr {rate:.3g}")
     if i == 0:
       t_run = time.time()  # the budget counts from the end of the first (compiling) step
     elif time_budget is not None and time.time() - t_run > time_budget:
