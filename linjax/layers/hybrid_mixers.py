@@ -64,7 +64,10 @@ def lolcats_quadratic(q, k, fq, fk, v, wf, *, vis, win, scale):
   lin = vis[:, None] & ~win
   s = jnp.einsum("bihd,bjhd->bhij", q.astype(f32), k.astype(f32)) * scale
   s = jnp.where(win, s, NEG)
-  m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+  # m is NOT a stop_gradient: the linear term is not scaled by exp(-m), so y depends on m
+  # (LoLCATs' reference differentiates through its amax too). Detaching it gave wrong q / k
+  # gradients, which drove LoRA fine-tunes to diverge after ~100-200 steps.
+  m = s.max(-1, keepdims=True)
   a_sm = jnp.where(win, jnp.exp(s - m), 0.0) * wf[None, :, None, None]
   a_ln = jnp.where(lin, jnp.einsum("bihf,bjhf->bhij", fq.astype(f32), fk.astype(f32)), 0.0)
   a = a_sm + a_ln
@@ -144,7 +147,7 @@ class LolcatsAttention(DistillMixin, QKVO):
     ok = ok[:, :, None]                                                # [B|1, nb, 1, W, 2W]
     s = jnp.einsum("bnihd,bnjhd->bnhij", qb, k2) * self.head_dim ** -0.5
     s = jnp.where(ok, s, NEG)
-    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    m = s.max(-1, keepdims=True)  # differentiated: see lolcats_quadratic
     a = jnp.where(ok, jnp.exp(s - m), 0.0) * wf[None, None, :, None, None]
     num_sm = jnp.einsum("bnhij,bnjhv->bnihv", a, v2).reshape(B, nb * W, H, -1)[:, :T]
     den_sm = a.sum(-1).transpose(0, 1, 3, 2).reshape(B, nb * W, H)[:, :T]
@@ -212,7 +215,7 @@ class LolcatsAttention(DistillMixin, QKVO):
           & in_window(pt[:, None], npos, W, variant)                            # [B, R]
       s = jnp.einsum("bhd,brhd->bhr", qt.astype(f32), repeat_kv(nk, rep)) * scale
       s = jnp.where(win[:, None], s, NEG)
-      m = s.max(-1, keepdims=True)
+      m = s.max(-1, keepdims=True)  # differentiated: see lolcats_quadratic
       a = jnp.where(win[:, None], jnp.exp(s - m), 0.0) * wf[None, :, None]
       num = jnp.einsum("bhr,brhv->bhv", a, repeat_kv(nv, rep))
       den = a.sum(-1)
