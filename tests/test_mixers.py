@@ -161,12 +161,16 @@ def test_distill_mode_returns_teacher_and_sows_loss():
 
 # ReLU-kinked maps (DPFP, T2R) are left out: a finite difference of a few thousand ReLU
 # pre-activations crosses kinks at any step size that f32 resolves.
-SMOOTH = [m for m, i in zip(MIXERS, IDS) if "dpfp" not in i and "t2r" not in i]
+# Chunk mode (training) for all by default, quadratic (distillation) for the hybrids; the
+# rest under `make test-slow`.
+FD_CASES = [pytest.param(*m, mode, id=f"{i}-{mode}",
+                         marks=() if mode == "chunk" or m[0] in ("lolcats", "liger")
+                         else pytest.mark.slow)
+            for m, i in zip(MIXERS, IDS) if "dpfp" not in i and "t2r" not in i
+            for mode in ("quadratic", "chunk")]
 
 
-@pytest.mark.parametrize("mode", ["quadratic", "chunk"])
-@pytest.mark.parametrize("name,kw,tol", SMOOTH,
-                         ids=[i for i in IDS if "dpfp" not in i and "t2r" not in i])
+@pytest.mark.parametrize("name,kw,tol,mode", FD_CASES)
 def test_gradients_match_finite_differences(name, kw, tol, mode):
   """d loss along a random direction of (input, every parameter): autodiff vs a central
   finite difference of the forward itself. Catches gradients that disagree with the forward
