@@ -214,8 +214,7 @@ def finetune(model, batches, *, lr: float = 1e-3, trainable=LoRAParam, warmup: i
   Learning rate: linear warmup over `warmup` steps, then a cosine from `lr` to `lr / 10`
   over the run. With a `time_budget` the run's end is whichever comes first, the last batch
   or the budget, so a time-limited run still decays fully (a step-count cosine would keep
-  the rate near its peak when the budget stops it early; at lr 1e-3 and 512-token batches
-  that diverged after ~200 LoRA steps on SmolLM2).
+  the rate near its peak when the budget stops it early).
   """
   set_distill(model, None)
   set_mode(model, mode)
