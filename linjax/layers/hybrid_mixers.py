@@ -215,7 +215,7 @@ class LolcatsAttention(DistillMixin, QKVO):
           & in_window(pt[:, None], npos, W, variant)                            # [B, R]
       s = jnp.einsum("bhd,brhd->bhr", qt.astype(f32), repeat_kv(nk, rep)) * scale
       s = jnp.where(win[:, None], s, NEG)
-      m = s.max(-1, keepdims=True)  # differentiated: see lolcats_quadratic
+      m = s.max(-1, keepdims=True)
       a = jnp.where(win[:, None], jnp.exp(s - m), 0.0) * wf[None, :, None]
       num = jnp.einsum("bhr,brhv->bhv", a, repeat_kv(nv, rep))
       den = a.sum(-1)

@@ -241,17 +241,16 @@ def finetune(model, batches, *, lr: float = 1e-3, trainable=LoRAParam, warmup: i
       done = max(done, (time.time() - t_run) / time_budget)
     rate = budget_lr(lr, i, min(done, 1.0), warmup)
     hist["lr"].append(rate)
-    loss, gnorm = step(model, opt, jnp.asarray(batches[i]), jnp.float32(rate))
-    loss = float(loss)
+    loss, gnorm = map(float, step(model, opt, jnp.asarray(batches[i]), jnp.float32(rate)))
     _check_finite(loss, "fine-tune (cross-entropy)", i)
     hist["loss"].append(loss)
-    hist["grad_norm"].append(float(gnorm))  # before clipping to 1.0
+    hist["grad_norm"].append(gnorm)  # before clipping to 1.0
     hist["tokens"] += int(np.prod(batches[i].shape))
     hist["steps"] += 1
     if progress and hasattr(it, "set_postfix"):
-      it.set_postfix(loss=f"{loss:.3f}", gnorm=f"{hist['grad_norm'][-1]:.2g}")
+      it.set_postfix(loss=f"{loss:.3f}", gnorm=f"{gnorm:.2g}")
     elif log and (i % log_every == 0):
-      log(f"  step {i}: ce {loss:.4f}  grad norm {hist['grad_norm'][-1]:.3g}  lr {rate:.3g}")
+      log(f"  step {i}: ce {loss:.4f}  grad norm {gnorm:.3g}  lr {rate:.3g}")
     if i == 0:
       t_run = time.time()  # the budget counts from the end of the first (compiling) step
     elif time_budget is not None and time.time() - t_run > time_budget:
