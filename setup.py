@@ -33,6 +33,7 @@ DEV = TORCH + [
     "ipykernel>=6.29",
     "einops>=0.8",
     "lm-eval>=0.4.13",
+    "peft>=0.17",  # tests: linjax LoRA adapters exported in PEFT's format
 ]
 
 setup(
@@ -43,7 +44,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["linjax", "linjax.*", "pallas_kernels", "pallas_kernels.*"]),
-    package_data={"linjax.eval": ["tasks/*"]},
+    # linjax.convert.hf: the PyTorch modeling code copied into HF exports of linearized models
+    package_data={"linjax.eval": ["tasks/*"], "linjax.convert.hf": ["*.py"]},
     install_requires=CORE,
     extras_require={
         "torch": TORCH,

@@ -18,15 +18,24 @@ import sys
 import time
 
 
+def _error(msg) -> int:
+  print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+  return 2
+
+
 def _convert(args):
   from linjax.convert import from_pretrained, save_linjax, save_pretrained
   t0 = time.time()
-  model, tok = from_pretrained(args.src, dtype=args.dtype)
   to = args.to or ("hf" if args.dst.rstrip("/").endswith(("-hf", "_hf")) else "linjax")
-  if to == "hf":
-    save_pretrained(model, args.dst, tokenizer=tok, max_shard_size=args.max_shard_size)
-  else:
-    save_linjax(model, args.dst, tokenizer=tok)
+  try:
+    model, tok = from_pretrained(args.src, dtype=args.dtype)
+    if to == "hf":
+      save_pretrained(model, args.dst, tokenizer=tok, max_shard_size=args.max_shard_size)
+    else:
+      save_linjax(model, args.dst, tokenizer=tok)
+  except (OSError, ValueError, KeyError) as e:  # bad input: one line, no traceback
+    return _error(f"no such file or folder: {e.filename or e}"
+                  if isinstance(e, FileNotFoundError) else str(e))
   print(f"wrote {to} checkpoint to {args.dst} in {time.time() - t0:.1f}s", file=sys.stderr)
   return 0
 

@@ -7,6 +7,11 @@ Formats read by `from_pretrained(path)`:
     config.json path; default: config.json beside the file)
   * a .gguf file (dequantized; tokenizer from the same file via transformers)
   * a linjax checkpoint dir: config.json (HF keys + "linjax") + orbax `state/`
+  * a linjax HF export (`save_pretrained` of a linearized model: model_type "linjax_llama")
+
+`save_pretrained` writes any model (see `linjax.convert.hf_export`); a linearized one comes
+with its PyTorch modeling code (`transformers.AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`).
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linjax.convert import mapping
+from linjax.convert import hf_export, mapping
+from linjax.convert.hf_export import UnsupportedExportError, save_peft_adapter
 from linjax.convert.sources import (GGUFSource, SafetensorsSource, TorchSource,
                                     UnsupportedFormatError, find_hf_weight_files,
                                     gguf_hf_config)
@@ -41,15 +47,16 @@ class CheckpointMismatchError(ValueError):
     super().__init__("checkpoint does not match the model: " + "; ".join(parts))
 
 
-class UnsupportedExportError(ValueError):
-  """The model cannot be written in the requested format (e.g. non-softmax mixers to HF)."""
-
-
 # --- building a model from named tensors -----------------------------------------------
 
 def abstract_model(config: LlamaConfig):
   """(graphdef, abstract state) without allocating weights."""
-  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  try:
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  except jax.errors.ConcretizationTypeError:
+    # Mixers whose __init__ turns jnp constants into Python floats (the fixed decays of
+    # retention / lightning / supra / linear with decay=) cannot be traced: build for real.
+    model = Llama(config, rngs=nnx.Rngs(0))
   return nnx.split(model)
 
 
@@ -71,7 +78,7 @@ def load_from_source(config: LlamaConfig, source, shardings=None):
   """Build a Llama from an HF-named tensor source, one tensor at a time."""
   graphdef, state = abstract_model(config)
   flat = dict(nnx.to_flat_state(state))
-  table = mapping.name_table(config)
+  table = mapping.full_name_table(config, flat)
   keys = set(source.keys())
   ignorable = {k for k in keys if k.endswith(mapping.IGNORABLE_SUFFIXES)}
   if config.tie_word_embeddings:
@@ -105,7 +112,7 @@ def _resolve_config(config, default_dir=None) -> dict:
   if isinstance(config, LlamaConfig):
     return config.to_hf()
   if isinstance(config, dict):
-    return config
+    return hf_export.as_llama_hf(config)
   path = config
   if path is None and default_dir is not None:
     path = os.path.join(default_dir, "config.json")
@@ -115,7 +122,7 @@ def _resolve_config(config, default_dir=None) -> dict:
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
   with open(path) as f:
-    return json.load(f)
+    return hf_export.as_llama_hf(json.load(f))
 
 
 def _overrides(dtype, param_dtype, overrides):
@@ -225,20 +232,10 @@ def from_pretrained(path, *, dtype=None, param_dtype=None, shardings=None, confi
       f"{path}: not an HF/linjax directory, a .gguf, .safetensors, .bin, .pt or .pth file")
 
 
-def hf_state_dict(model: Llama, dtype=None):
-  """Yield (HF name, numpy array) one tensor at a time (export direction of the table)."""
-  cfg = model.config
-  if not cfg.all_softmax:
-    raise UnsupportedExportError(
-        f"transformers' Llama has only plain softmax attention; this model's mixers are "
-        f"{sorted(set(cfg.mixers))} with kwargs {cfg.mixer_kwargs}. Use "
-        f"linjax.convert.save_linjax(model, dir) for linjax checkpoints.")
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  for name, (path, tr) in mapping.name_table(cfg).items():
-    x = np.asarray(jax.device_get(flat[path].get_value()))
-    if dtype is not None:
-      x = x.astype(jnp.dtype(dtype))
-    yield name, np.ascontiguousarray(mapping.apply(tr, x, inverse=True))
+def hf_state_dict(model: Llama, dtype=None, *, lora=None):
+  """Yield (HF name, numpy array) one tensor at a time (export direction of the table).
+  Any mixer; `lora` as in `save_pretrained`."""
+  yield from hf_export.hf_tensors(model, dtype, lora)
 
 
 def _parse_size(s):
@@ -252,55 +249,60 @@ def _parse_size(s):
 
 
 def save_pretrained(model: Llama, out_dir, *, tokenizer=None, max_shard_size=None,
-                    dtype=None):
-  """Write HF safetensors + config.json that `transformers.LlamaForCausalLM` loads.
+                    dtype=None, lora=None, overwrite=False):
+  """Write an HF folder: safetensors (sharded past `max_shard_size`, e.g. "10MB") and
+  config.json, plus the tokenizer when given.
 
-  Models with non-softmax mixers (or softmax with window/sinks) are refused with
-  `UnsupportedExportError`: transformers cannot run them (use `save_linjax`).
-  max_shard_size: bytes or "10MB" etc.; shards are written with an index json.
+  All-softmax models are transformers' `LlamaForCausalLM`. Any other mixer writes a
+  "linjax_llama" config (mixers, kwargs, `auto_map`) and copies linjax's PyTorch modeling
+  code beside it: `transformers.AutoModelForCausalLM.from_pretrained(out_dir,
+  trust_remote_code=True)`. Mixers that code does not implement raise
+  `UnsupportedExportError` before anything is written.
+  lora: None (refuse a model with LoRA adapters), "merge" (fold them into the weights) or
+    "base" (the base weights; `save_peft_adapter` writes the adapters for PEFT).
+  out_dir must be new or empty unless overwrite=True; the folder is written under a
+  temporary name and renamed at the end, so a failed export leaves nothing behind.
   """
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
   limit = _parse_size(max_shard_size)
-  # Shards are written as soon as they fill (host memory ~ one shard), then renamed.
-  written, cur, cur_size = [], {}, 0
-
-  def flush():
-    tmp = os.path.join(out_dir, f".shard-{len(written):05d}.tmp")
-    _save_tensors(cur, tmp)
-    written.append((tmp, {k: v.nbytes for k, v in cur.items()}))
-
-  for name, x in hf_state_dict(model, dtype):
-    if limit and cur and cur_size + x.nbytes > limit:
-      flush()
-      cur, cur_size = {}, 0
-    cur[name] = x
-    cur_size += x.nbytes
-  flush()
-  cur = None
-  for f in os.listdir(out_dir):  # stale weights from an earlier export would shadow ours
-    if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
-      os.remove(os.path.join(out_dir, f))
-  if len(written) == 1:
-    os.replace(written[0][0], os.path.join(out_dir, "model.safetensors"))
-  else:
-    weight_map, total = {}, 0
-    for i, (tmp, sizes) in enumerate(written):
-      fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-      os.replace(tmp, os.path.join(out_dir, fname))
-      for k, n in sizes.items():
-        weight_map[k] = fname
-        total += n
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  cfg = model.config.to_hf()
+  cfg = hf_export.export_config(model.config)  # refuses unknown mixers first
   if dtype is not None:
     cfg["torch_dtype"] = jnp.dtype(dtype).name
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(out_dir)
-  return out_dir
+  with hf_export.staged_dir(out_dir, overwrite) as tmp:
+    # Shards are written as soon as they fill (host memory ~ one shard).
+    written, cur, cur_size = [], {}, 0
+
+    def flush():
+      name = os.path.join(tmp, f".shard-{len(written):05d}.tmp")
+      _save_tensors(cur, name)
+      written.append((name, {k: v.nbytes for k, v in cur.items()}))
+
+    for name, x in hf_state_dict(model, dtype, lora=lora):
+      if limit and cur and cur_size + x.nbytes > limit:
+        flush()
+        cur, cur_size = {}, 0
+      cur[name] = x
+      cur_size += x.nbytes
+    flush()
+    cur = None
+    if len(written) == 1:
+      os.replace(written[0][0], os.path.join(tmp, "model.safetensors"))
+    else:
+      weight_map, total = {}, 0
+      for i, (name, sizes) in enumerate(written):
+        fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(name, os.path.join(tmp, fname))
+        for k, n in sizes.items():
+          weight_map[k] = fname
+          total += n
+      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg, f, indent=2)
+    if "auto_map" in cfg:
+      hf_export.copy_modeling_code(tmp)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
+  return os.path.abspath(os.fspath(out_dir))
 
 
 def _save_tensors(d, fname):
@@ -321,7 +323,7 @@ def save_linjax(model: Llama, out_dir, *, tokenizer=None):
   out_dir = os.path.abspath(os.fspath(out_dir))
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(model.config.to_hf(), f, indent=2)
+    json.dump(hf_export.native_config(model.config), f, indent=2)
   state = nnx.state(model)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(out_dir, "state"), state, force=True)
@@ -336,7 +338,7 @@ def load_linjax(path, *, shardings=None, **config_overrides):
   import orbax.checkpoint as ocp
   path = os.path.abspath(os.fspath(path))
   with open(os.path.join(path, "config.json")) as f:
-    hf = json.load(f)
+    hf = hf_export.as_llama_hf(json.load(f))
   cfg = LlamaConfig.from_hf(hf, **config_overrides)
   graphdef, abstract = abstract_model(cfg)
   flat = dict(nnx.to_flat_state(abstract))

@@ -51,6 +51,24 @@ def name_table(config) -> dict[str, tuple[tuple, str | None]]:
   return t
 
 
+def full_name_table(config, paths) -> dict[str, tuple[tuple, str | None]]:
+  """`name_table` plus a row for every other mixer parameter among `paths` (linjax state
+  paths): ("layers", i, "self_attn", *rest) <-> "model.layers.{i}.self_attn.<rest joined by
+  dots>", where a trailing nnx.Linear "kernel" becomes "weight" (transposed) and every other
+  parameter (feature maps, window factors, gates, ...) keeps its name and layout."""
+  t = name_table(config)
+  covered = {path for path, _ in t.values()}
+  for p in paths:
+    p = tuple(p)
+    if p in covered or len(p) < 4 or p[0] != "layers" or p[2] != "self_attn":
+      continue
+    rest, tr = [str(x) for x in p[3:]], None
+    if rest[-1] == "kernel":
+      rest[-1], tr = "weight", "T"
+    t[f"model.layers.{p[1]}.self_attn." + ".".join(rest)] = (p, tr)
+  return t
+
+
 def apply(transform, x, inverse=False):
   del inverse  # both transforms are their own inverse
   if transform is None:
