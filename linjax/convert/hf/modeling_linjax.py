@@ -11,6 +11,8 @@ padded tokens are neither attended to nor folded into any state.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -18,8 +20,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from . import linjax_mixers as mixers_lib
-from .linjax_mixers import MIXERS  # noqa: F401 (how transformers' remote code finds the file)
+from .linjax_hybrid import Liger, Lolcats
+from .linjax_mixers import (GLA, DeltaNet, FeatureMap, GatedDeltaNet, LinearAttention, Lightning,
+                            Retention, SlidingWindowAttention, SoftmaxAttention, Supra)
 from .configuration_linjax import LinjaxLlamaConfig
 
 # transformers 5.24 names the cache `cache` (was `past_key_values`)
@@ -113,9 +116,17 @@ class LinjaxCache(Cache):
 
 # --- the model ----------------------------------------------------------------------------
 
+MIXERS = {
+    "softmax": SoftmaxAttention, "sliding_window": SlidingWindowAttention,
+    "linear": LinearAttention, "retention": Retention, "lightning": Lightning, "gla": GLA,
+    "deltanet": DeltaNet, "gated_deltanet": GatedDeltaNet, "supra": Supra,
+    "lolcats": Lolcats, "liger": Liger,
+}
+
+
 def build_mixer(config, layer_idx):
   name, kwargs = config.layer_mixer(layer_idx)
-  cls = mixers_lib.MIXERS[name]
+  cls = MIXERS[name]
   try:
     return cls(config, layer_idx, **kwargs)
   except TypeError as e:
@@ -151,27 +162,27 @@ class LinjaxLlamaPreTrainedModel(PreTrainedModel):
     where linjax starts them (identity maps, zero biases, window factor logit, gate bias)."""
     super()._init_weights(module)
     from transformers import initialization as init
-    if isinstance(module, mixers_lib.FeatureMap) and module.weight is not None:
+    if isinstance(module, FeatureMap) and module.weight is not None:
       H, D, _ = module.weight.shape
       init.copy_(module.weight, torch.eye(D).expand(H, D, D))
       if module.bias is not None:
         init.zeros_(module.bias)
-    elif isinstance(module, mixers_lib.Lolcats):
+    elif isinstance(module, Lolcats):
       f = module.init_window_factor
-      init.constant_(module.window_factors, float(torch.logit(torch.tensor(f))))
-    elif isinstance(module, mixers_lib.GLA):
+      init.constant_(module.window_factors, math.log(f) - math.log1p(-f))
+    elif isinstance(module, GLA):
       std = self.config.initializer_range
       init.normal_(module.gk_w1, std=std)
       init.normal_(module.gk_w2, std=std)
       init.constant_(module.gk_b, module.gate_bias_init)
-    elif isinstance(module, mixers_lib.DeltaNet):
+    elif isinstance(module, DeltaNet):
       init.normal_(module.b_w, std=self.config.initializer_range)
       init.zeros_(module.b_b)
       if module.gated:
         init.normal_(module.a_w, std=self.config.initializer_range)
       if hasattr(module, "o_norm"):
         init.ones_(module.o_norm)
-    elif isinstance(module, mixers_lib.Supra):
+    elif isinstance(module, Supra):
       for w, b in ((module.phi_q_w, module.phi_q_b),) + (
           () if module.tied else ((module.phi_k_w, module.phi_k_b),)):
         init.copy_(w, torch.eye(w.shape[0]))
