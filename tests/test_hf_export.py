@@ -145,7 +145,7 @@ def test_decode_equals_full_pass_in_torch(i):
 GEN_PROMPTS = [[5, 17, 3, 88, 41], [9, 2, 60, 61, 33, 7, 19, 70, 11, 4, 52, 30], [23]]
 
 
-def hf_generate(hf, prompts, n):
+def hf_generate(hf, prompts, n, **kw):
   L = max(map(len, prompts))
   ids = torch.zeros(len(prompts), L, dtype=torch.long)
   mask = torch.zeros(len(prompts), L, dtype=torch.long)
@@ -154,7 +154,7 @@ def hf_generate(hf, prompts, n):
     mask[r, L - len(p):] = 1
   with torch.no_grad():
     out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                      pad_token_id=0)
+                      pad_token_id=0, **kw)
   return out[:, L:].tolist()
 
 
@@ -163,6 +163,8 @@ def test_generate_matches_linjax(i):
   model, _, hf = exported(i)
   ours = generate(model, GEN_PROMPTS, max_new_tokens=8)
   assert hf_generate(hf, GEN_PROMPTS, 8) == ours
+  # chunked prefill: chunks after the first go into a non-empty cache
+  assert hf_generate(hf, GEN_PROMPTS, 8, prefill_chunk_size=5) == ours
 
 
 def test_hybrid_layers_and_transformers_resave(tmp_path):

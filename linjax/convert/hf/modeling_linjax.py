@@ -274,6 +274,10 @@ class LinjaxLlamaForCausalLM(LinjaxLlamaPreTrainedModel, GenerationMixin):
       return
     if generation_config.use_cache is False:
       return
+    impl = getattr(generation_config, "cache_implementation", None)
+    if impl not in (None, "dynamic"):
+      raise ValueError(f"cache_implementation={impl!r}: LinjaxLlama keeps its own decode state "
+                       f"(a LinjaxCache); leave cache_implementation unset")
     model_kwargs[_CACHE] = LinjaxCache(self.config)
 
   def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
