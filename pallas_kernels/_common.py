@@ -3,12 +3,15 @@
 Everything here is plain jnp outside the kernels. Internal layout of a kernel call:
   q, k:  [B, Tp, H * Kp]      v: [B, Tp, H * Vp]      (input dtype; a free reshape of [B,T,H,D])
   scalar gate (chunk-local cumsum, fp32): column [B, H, Tp, 1] and row [B, H, NT, 1, C]
-  channel gate (chunk-local cumsum, fp32): [B, Tp, H * Kp]
-  chunk states h: [B, H, NT, Kp, Vp] (input dtype), initial / final state [B, H, Kp, Vp] fp32.
-Tp is T padded to a multiple of the chunk size C (zeros at the end: k = v = 0, g = 0, so the
-padding neither changes the outputs nor the final state); Kp / Vp are the head dims padded
-with zero channels to what the backend's block tiling wants (GPU / Triton: a power of two
->= 16; TPU / Mosaic: a multiple of 128 so blocks satisfy the (8, 128) tiling rule).
+  channel gate (chunk-local cumsum, fp32): [B, Tp, H * Kp] and its last row per chunk as a
+    column [B, H, NT, Kp, 1]
+  chunk states h: [B, H, NT, Kp, Vp] (input dtype in the two-pass forward, fp32 in the
+    backward), initial / final state [B | N, H, Kp, Vp] fp32.
+Tp is T padded to a multiple of G chunks of size C (G = chunks per TPU grid step; zeros at
+the end: k = v = 0, g = 0, so the padding neither changes the outputs nor the final state);
+Kp / Vp are the head dims padded with zero channels to what the backend's block tiling wants
+(GPU / Triton: a power of two >= 16; TPU / Mosaic: a multiple of 128 so blocks satisfy the
+(8, 128) tiling rule). Packed sequences (cu_seqlens) go through `aligned_layout` first.
 """
 from __future__ import annotations
 
@@ -89,48 +92,76 @@ def reverse_cumsum(x, axis=1):
 
 # ----------------------------------------------------------------------------- varlen
 
-def _concrete(cu_seqlens):
+def _concrete(x):
   try:
-    return np.asarray(cu_seqlens).astype(np.int64)
-  except Exception:  # traced: lengths unknown at trace time
+    return np.asarray(x).astype(np.int64)
+  except Exception:  # noqa: BLE001 - traced: values unknown at trace time
     return None
 
 
-def varlen_unpack(cu_seqlens, T, *xs):
-  """Packed [1, T, ...] arrays -> padded batch [N, L, ...] (zeros past each end).
+def aligned_layout(cu_seqlens, T, C):
+  """Packed sequences [1, T] (offsets cu_seqlens [N + 1], concrete or traced) -> a layout in
+  which every sequence starts on a chunk boundary: sequence n occupies chunks
+  [astart_n / C, aend_n / C), its tokens first, then zeros up to the next multiple of C.
 
-  L is the longest sequence when cu_seqlens is concrete, else T. Returns (L, idx, valid, xs).
+  The padded length is static: sum_n roundup(len_n, C) <= T + N (C - 1), so Tp is that bound
+  (or the exact total when cu_seqlens is concrete): T + N * C work at most, not N * T.
+  Tokens after cu_seqlens[-1] belong to no sequence and are not placed.
+
+  Returns a dict of int32 / bool arrays (and the static Tp):
+    src [Tp], valid [Tp]   packed index of each layout position; valid = holds a token
+    dst [T], live [T]      layout position of each packed token; live = t < cu_seqlens[-1]
+    cstart [NT], cend [NT] n where chunk c is the first / last chunk of (non-empty)
+                           sequence n, else -1
+    empty [N]              the sequence has no tokens (its final state is its initial one)
   """
   cu_np = _concrete(cu_seqlens)
   cu = jnp.asarray(cu_seqlens, jnp.int32)
   N = int(cu.shape[0]) - 1
   if cu_np is not None:
-    L = max(1, int(np.max(np.diff(cu_np)))) if N > 0 else 1
+    Tp = int(np.sum(-(-np.diff(cu_np) // C) * C))
   else:
-    L = T
-  t = jnp.arange(L, dtype=jnp.int32)
-  idx = cu[:-1, None] + t[None, :]                     # [N, L]
-  valid = t[None, :] < (cu[1:] - cu[:-1])[:, None]
-  idx_c = jnp.where(valid, idx, 0)
-  out = []
-  for x in xs:
-    if x is None:
-      out.append(None)
-      continue
-    y = x[0][idx_c]                                     # [N, L, ...]
-    mask = valid.reshape(valid.shape + (1,) * (y.ndim - 2))
-    out.append(jnp.where(mask, y, jnp.zeros((), y.dtype)))
-  return L, out
-
-
-def varlen_repack(cu_seqlens, T, o):
-  """Padded batch [N, L, ...] -> packed [1, T, ...]."""
-  cu = jnp.asarray(cu_seqlens, jnp.int32)
+    Tp = T + N * (C - 1)
+  Tp = max(C, -(-Tp // C) * C)
+  NT = Tp // C
+  lens = cu[1:] - cu[:-1]
+  alen = (lens + C - 1) // C * C
+  aend = jnp.cumsum(alen)
+  astart = aend - alen
+  p = jnp.arange(Tp, dtype=jnp.int32)
+  n_p = jnp.searchsorted(aend, p, side="right").astype(jnp.int32)   # N past the last block
+  n_c = jnp.minimum(n_p, N - 1)
+  local = p - astart[n_c]
+  valid = (n_p < N) & (local < lens[n_c])
+  src = jnp.where(valid, cu[n_c] + local, 0)
+  first = p[::C]
+  cstart = jnp.where(valid[first] & (local[first] == 0), n_c[first], -1)
+  last = first + C - 1
+  n_l = n_p[last]
+  n_lc = jnp.minimum(n_l, N - 1)
+  cend = jnp.where((n_l < N) & (last + 1 == aend[n_lc]) & (lens[n_lc] > 0), n_lc, -1)
   t = jnp.arange(T, dtype=jnp.int32)
-  seq_id = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
-  seq_id = jnp.minimum(seq_id, cu.shape[0] - 2)
-  pos = t - cu[seq_id]
-  return o[seq_id, pos][None]
+  n_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32), N - 1)
+  live = t < cu[-1]
+  dst = jnp.clip(astart[n_t] + t - cu[n_t], 0, Tp - 1)
+  return dict(Tp=Tp, NT=NT, N=N, src=src, valid=valid, dst=dst, live=live,
+              cstart=cstart.astype(jnp.int32), cend=cend.astype(jnp.int32), empty=lens == 0)
+
+
+def to_aligned(lay, x):
+  """[1, T, ...] -> [1, Tp, ...] in the aligned layout (zeros where no token)."""
+  if x is None:
+    return None
+  y = x[0][lay["src"]]
+  mask = lay["valid"].reshape((-1,) + (1,) * (y.ndim - 1))
+  return jnp.where(mask, y, jnp.zeros((), y.dtype))[None]
+
+
+def from_aligned(lay, y):
+  """[1, Tp, ...] -> [1, T, ...]: each packed token's value; zeros after cu_seqlens[-1]."""
+  out = y[0][lay["dst"]]
+  mask = lay["live"].reshape((-1,) + (1,) * (out.ndim - 1))
+  return jnp.where(mask, out, jnp.zeros((), out.dtype))[None]
 
 
 def on_platforms(fn_tpu, fn_gpu, fn_cpu, *args):
