@@ -102,6 +102,15 @@ def test_varlen_with_empty_sequence(method):
   np.testing.assert_array_equal(np.asarray(out[1][1]), np.asarray(inp["initial_state"][1]))
 
 
+@pytest.mark.parametrize("method,gate", [
+    ("recurrent", None), ("chunk", "head"), ("assoc_scan", "head"), ("parallel", None),
+    ("pallas", "head")])
+def test_varlen_tail_traced(method, gate):
+  """cu_seqlens[-1] < T with an empty sequence, traced under jit (see test_ops_gla)."""
+  from tests.test_ops_gla import check_varlen_tail
+  check_varlen_tail("delta_rule", method, gate)
+
+
 @pytest.mark.parametrize("method,gate", [("chunk", "head"), ("parallel", None)])
 def test_split_and_resume(method, gate):
   inp = make_inputs(13, 2, 75, 2, 60, 36, gate=gate, strength="mixed", delta=True)

@@ -116,6 +116,74 @@ def test_varlen_with_empty_sequence(method):
     assert rel_err(o, out[0][:, s:e]) < FP32_TOL and rel_err(S[0], out[1][n]) < FP32_TOL
 
 
+def check_varlen_tail(op, method, gate):
+  """cu_seqlens with an empty sequence and cu_seqlens[-1] < T, traced under jit (so no
+  method can read the lengths at trace time): the tokens of every sequence, each final state
+  (the empty one keeps its initial state) and every gradient vs the token-by-token
+  reference; the tokens after cu_seqlens[-1] are zeros."""
+  cu = jnp.array([0, 9, 9, 30, 41], jnp.int32)
+  N, T, H, K, V = 4, 47, 2, 8, 8
+  inp = make_inputs(41, 1, T, H, K, V, gate=gate, strength="mixed", delta=(op == "delta_rule"),
+                    h0=False)
+  inp["initial_state"] = jax.random.normal(jax.random.PRNGKey(42), (N, H, K, V), F32)
+  live = np.arange(T) < int(cu[-1])
+  do = jnp.where(live[None, :, None, None], jax.random.normal(jax.random.PRNGKey(43),
+                                                             (1, T, H, V), F32), 0.0)
+  dS = jax.random.normal(jax.random.PRNGKey(44), (N, H, K, V), F32)
+  ref = run_with_grads(functools.partial(getattr(reference, op), cu_seqlens=cu), inp, do, dS)
+  fn = getattr(ops, op)
+
+  @jax.jit
+  def traced(cu_):
+    return run_with_grads(lambda **kw: fn(**kw, cu_seqlens=cu_, method=method, chunk_size=16),
+                          inp, do, dS)
+
+  o, S, grads = traced(cu)
+  o = np.asarray(o)
+  np.testing.assert_array_equal(o[:, ~live], 0.0)
+  live_ref = (np.asarray(ref[0])[:, live], ref[1], ref[2])
+  compare(live_ref, (o[:, live], S, grads), FP32_TOL, (op.split("_")[0], method, "varlen_tail"))
+  np.testing.assert_array_equal(np.asarray(S[1]), np.asarray(inp["initial_state"][1]))
+
+
+@pytest.mark.parametrize("method,gate", [
+    ("recurrent", "head"), ("chunk", "channel"), ("assoc_scan", None), ("parallel", "head"),
+    ("pallas", "channel")])
+def test_varlen_tail_traced(method, gate):
+  check_varlen_tail("gla", method, gate)
+
+
+def largest_array(fn, *args):
+  """Elements of the largest array made by fn's jaxpr (outside Pallas kernels and loop
+  bodies: the arrays a method materialises)."""
+  def walk(jaxpr):
+    best = 0
+    for eqn in jaxpr.eqns:
+      for v in eqn.outvars:
+        best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
+      if eqn.primitive.name in ("pjit", "closed_call", "custom_vjp_call", "custom_jvp_call"):
+        for p in eqn.params.values():
+          if hasattr(p, "jaxpr"):
+            best = max(best, walk(p.jaxpr))
+    return best
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("op,method", [("gla", "chunk"), ("delta_rule", "assoc_scan"),
+                                       ("gla", "pallas"), ("delta_rule", "pallas")])
+def test_varlen_traced_is_not_padded_per_sequence(op, method):
+  """Traced cu_seqlens (lengths unknown at trace time) cost T + N C tokens, not N T: the
+  largest array the op materialises is within 2x of the same op on one unpacked row."""
+  N, T, H, K = 8, 512, 1, 16
+  inp = make_inputs(3, 1, T, H, K, K, gate="head", delta=(op == "delta_rule"), h0=False)
+  fn = getattr(ops, op)
+  cu = jnp.array(np.linspace(0, T, N + 1).astype(np.int32))
+  packed = largest_array(lambda cu_: fn(**inp, cu_seqlens=cu_, method=method, chunk_size=16,
+                                        output_final_state=True)[0], cu)
+  plain = largest_array(lambda: fn(**inp, method=method, chunk_size=16)[0])
+  assert packed < 2 * plain, (packed, plain)
+
+
 @pytest.mark.parametrize("method,gate", [("chunk", "channel"), ("assoc_scan", "head"),
                                          ("parallel", None)])
 def test_split_and_resume(method, gate):

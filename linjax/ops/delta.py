@@ -26,7 +26,6 @@ and exp(b_C) S0 is dropped from it when the chunk holds a boundary.
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -73,14 +72,12 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
         interpret=jax.default_backend() == "cpu", segment_ids=segment_ids)
   else:
     runs = None if segment_ids is None else segment_runs(segment_ids)
-    run = functools.partial(_delta_dense, scale=scale, method=method, chunk_size=chunk_size,
-                            runs=runs)
     if cu_seqlens is None:
-      o, S = run(q, k, v, beta, g, initial_state)
+      o, S = _delta_dense(q, k, v, beta, g, initial_state, scale=scale, method=method,
+                          chunk_size=chunk_size, runs=runs)
     else:
-      up = lambda x: varlen.unpack(x, cu_seqlens, L)
-      o, S = run(up(q), up(k), up(v), up(beta), up(g), initial_state)
-      o = varlen.repack(o, cu_seqlens, T)
+      o, S = _delta_varlen(q, k, v, beta, g, initial_state, cu_seqlens, L, scale=scale,
+                           method=method, chunk_size=chunk_size)
   return o.astype(v.dtype), (S if output_final_state else None)
 
 
@@ -144,22 +141,59 @@ def _delta_dense(q, k, v, beta, g, h0, *, scale, method, chunk_size, runs=None):
   raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
 
 
-def _delta_recurrent(q, k, v, beta, g, h0, scale, runs=None):
+def _delta_varlen(q, k, v, beta, g, h0, cu_seqlens, L, *, scale, method, chunk_size):
+  """Packed sequences (B = 1) by method, see `linjax.ops.varlen`."""
+  _, T, H, K = q.shape
+  N = varlen.num_seqs(cu_seqlens)
+  h0 = jnp.zeros((N, H, K, v.shape[-1]), F32) if h0 is None else h0.astype(F32)
+  if method == "recurrent":
+    return _delta_recurrent(q, k, v, beta, g, None, scale,
+                            seqs=(varlen.packed(cu_seqlens, T), h0))
+  if method == "parallel" and varlen.concrete(cu_seqlens) is not None:
+    up = lambda x: varlen.unpack(x, cu_seqlens, L)
+    o, S = _delta_dense(up(q), up(k), up(v), up(beta), up(g), h0, scale=scale,
+                        method=method, chunk_size=chunk_size)
+    return varlen.repack(o, cu_seqlens, T), S
+  lay = varlen.aligned(cu_seqlens, T, chunk_size)
+  al = lambda x: varlen.to_aligned(lay, x)
+  o, S_end = _delta_chunked(al(q), al(k), al(v), al(beta), al(g), None, scale, chunk_size,
+                            "assoc" if method == "assoc_scan" else "scan",
+                            starts=varlen.chunk_starts(lay, h0))
+  return varlen.from_aligned(lay, o), varlen.finals(lay, S_end, h0)
+
+
+def _delta_recurrent(q, k, v, beta, g, h0, scale, runs=None, seqs=None):
+  """seqs: packed sequences (B = 1), as `linjax.ops.gla._gla_recurrent`."""
   tm = lambda x: None if x is None else jnp.moveaxis(x.astype(F32), 1, 0)
   new = None if runs is None else jnp.moveaxis(resets(runs), 1, 0)
+  T = q.shape[1]
+  if seqs is not None:
+    (seq, start, end, live), H0 = seqs
+    h0 = jnp.zeros((1,) + H0.shape[1:], F32)
 
-  def body(S, xs):
-    qt, kt, vt, bt, gt, rt = xs
+  def body(carry, xs):
+    S, fin = carry
+    t, qt, kt, vt, bt, gt, rt = xs
     if rt is not None:
       S = jnp.where(rt[:, None, None, None], 0.0, S)
+    if seqs is not None:
+      S = jnp.where(start[t], H0[seq[t]][None], S)
     S = _delta_token(S, kt, vt, bt, gt)
-    return S, scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
+    o = scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
+    if seqs is not None:
+      fin = fin.at[seq[t]].set(jnp.where(end[t], S[0], fin[seq[t]]))
+      o = jnp.where(live[t], o, 0.0)
+    return (S, fin), o
 
-  S, o = lax.scan(body, h0, (tm(q), tm(k), tm(v), tm(beta), tm(g), new))
-  return jnp.moveaxis(o, 0, 1), S
+  fin0 = None if seqs is None else H0
+  (S, fin), o = lax.scan(body, (h0, fin0),
+                         (jnp.arange(T), tm(q), tm(k), tm(v), tm(beta), tm(g), new))
+  return jnp.moveaxis(o, 0, 1), (S if seqs is None else fin)
 
 
-def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter, runs=None):
+def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter, runs=None, starts=None):
+  """starts (the aligned varlen layout, B = 1): as `linjax.ops.gla._gla_chunked`; then the
+  states leaving every chunk [1, H, n, K, V] are returned in place of the final state."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   q, k, v, beta, g = (pad_time(x, C) for x in (q, k, v, beta, g))
@@ -213,14 +247,27 @@ def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter, runs=None):
     S1 = a[..., None, None] * S0 + dot("...ck,...cv->...kv", k_dec, U)
     return o, S1
 
+  if starts is not None:
+    st, H0 = starts
+    new = (st >= 0)[None, None, :, None, None]
+    h0 = jnp.zeros((B, H, K, V), F32)
   if inter in ("scan", "none") or n == 1:
     mv = lambda x: jnp.moveaxis(x, 2, 0)
 
     def body(S, xs):
-      o, S1 = outputs(S, *xs)
-      return S1, o
+      if starts is None:
+        o, S1 = outputs(S, *xs)
+        return S1, o
+      S = jnp.where(xs[-2] >= 0, xs[-1], S)
+      o, S1 = outputs(S, *xs[:-2])
+      return S1, (o, S1)
 
-    S_final, o = lax.scan(body, h0, tuple(map(mv, (W, U0, Aq, q_dec, k_dec, a_last))))
+    xs = tuple(map(mv, (W, U0, Aq, q_dec, k_dec, a_last)))
+    if starts is None:
+      S_final, o = lax.scan(body, h0, xs)
+    else:
+      _, (o, S_end) = lax.scan(body, h0, xs + (st, mv(H0)))
+      S_final = jnp.moveaxis(S_end, 0, 2)
     o = jnp.moveaxis(o, 0, 2)                              # [B, H, n, C, V]
   else:
     M = a_last[..., None, None] * jnp.eye(K, dtype=F32) - dot("...ck,...cj->...kj", k_dec, W)
@@ -232,10 +279,15 @@ def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter, runs=None):
       return (jnp.einsum("...ij,...jk->...ik", M2, M1),
               jnp.einsum("...ij,...jv->...iv", M2, H1) + H2)
 
+    if starts is not None:  # a chunk starting a sequence maps everything to M h0 + Hc
+      Hc = jnp.where(new, jnp.einsum("bhnij,bhnjv->bhniv", M, H0) + Hc, Hc)
+      M = jnp.where(new, 0.0, M)
     Mp, Hp = lax.associative_scan(combine, (M, Hc), axis=2)
     S_end = jnp.einsum("bhnij,bhjv->bhniv", Mp, h0) + Hp
     S_start = jnp.concatenate([h0[:, :, None], S_end[:, :, :-1]], axis=2)
+    if starts is not None:
+      S_start = jnp.where(new, H0, S_start)
     o, _ = outputs(S_start, W, U0, Aq, q_dec, k_dec, a_last)
-    S_final = S_end[:, :, -1]
+    S_final = S_end if starts is not None else S_end[:, :, -1]
   o = jnp.moveaxis(o, 1, 3).reshape(B, n * C, H, V)[:, :T]
   return o, S_final

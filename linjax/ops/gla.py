@@ -34,7 +34,6 @@ and expect that [.., V + 1] state as `initial_state` / final state (and to `gla_
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -132,15 +131,12 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=F
     o = o.astype(F32)
   else:
     runs = None if segment_ids is None else segment_runs(segment_ids)
-    run = functools.partial(_gla_dense, scale=scale, method=method, chunk_size=chunk_size,
-                            runs=runs)
     if cu_seqlens is None:
-      o, S = run(q, k, v, g, initial_state)
+      o, S = _gla_dense(q, k, v, g, initial_state, scale=scale, method=method,
+                        chunk_size=chunk_size, runs=runs)
     else:
-      T = q.shape[1]
-      up = lambda x: varlen.unpack(x, cu_seqlens, L)
-      o, S = run(up(q), up(k), up(v), up(g), initial_state)
-      o = varlen.repack(o, cu_seqlens, T)
+      o, S = _gla_varlen(q, k, v, g, initial_state, cu_seqlens, L, scale=scale,
+                         method=method, chunk_size=chunk_size)
   if normalize:
     o = o[..., :V] / (o[..., V:] + eps)
   return o.astype(out_dtype), (S if output_final_state else None)
@@ -212,22 +208,57 @@ def _gla_dense(q, k, v, g, h0, *, scale, method, chunk_size, runs=None):
   raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
 
 
-def _gla_recurrent(q, k, v, g, h0, scale, runs=None):
+def _gla_varlen(q, k, v, g, h0, cu_seqlens, L, *, scale, method, chunk_size):
+  """Packed sequences (B = 1) by method, see `linjax.ops.varlen`. Returns (o float32 [1, T,
+  H, V], final states [N, H, K, V])."""
+  _, T, H, K = q.shape
+  N = varlen.num_seqs(cu_seqlens)
+  h0 = jnp.zeros((N, H, K, v.shape[-1]), F32) if h0 is None else h0.astype(F32)
+  if method == "recurrent":
+    return _gla_recurrent(q, k, v, g, None, scale, seqs=(varlen.packed(cu_seqlens, T), h0))
+  if method == "parallel" and varlen.concrete(cu_seqlens) is not None:
+    up = lambda x: varlen.unpack(x, cu_seqlens, L)
+    o, S = _gla_dense(up(q), up(k), up(v), up(g), h0, scale=scale, method=method,
+                      chunk_size=chunk_size)
+    return varlen.repack(o, cu_seqlens, T), S
+  lay = varlen.aligned(cu_seqlens, T, chunk_size)
+  al = lambda x: varlen.to_aligned(lay, x)
+  o, S_end = _gla_chunked(al(q), al(k), al(v), al(g), None, scale, chunk_size,
+                          "assoc" if method == "assoc_scan" else "scan",
+                          starts=varlen.chunk_starts(lay, h0))
+  return varlen.from_aligned(lay, o), varlen.finals(lay, S_end, h0)
+
+
+def _gla_recurrent(q, k, v, g, h0, scale, runs=None, seqs=None):
+  """seqs (packed sequences, B = 1): ((seq, start, end, live) per token, H0 [N, H, K, V]);
+  returns the N final states then, and zeros after the last sequence."""
   tm = lambda x: None if x is None else jnp.moveaxis(x.astype(F32), 1, 0)
   new = None if runs is None else jnp.moveaxis(resets(runs), 1, 0)
+  T = q.shape[1]
+  if seqs is not None:
+    (seq, start, end, live), H0 = seqs
+    h0 = jnp.zeros((1,) + H0.shape[1:], F32)
 
-  def body(S, xs):
-    qt, kt, vt, gt, rt = xs                   # [B,H,K], [B,H,K], [B,H,V], None|[B,H]|[B,H,K]
+  def body(carry, xs):
+    S, fin = carry
+    t, qt, kt, vt, gt, rt = xs              # [B,H,K], [B,H,K], [B,H,V], None|[B,H]|[B,H,K]
     if rt is not None:
       S = jnp.where(rt[:, None, None, None], 0.0, S)
+    if seqs is not None:
+      S = jnp.where(start[t], H0[seq[t]][None], S)
     if gt is not None:
       decay = jnp.exp(gt)
       S = S * (decay[..., None, None] if decay.ndim == 2 else decay[..., None])
     S = S + kt[..., :, None] * vt[..., None, :]
-    return S, scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
+    o = scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
+    if seqs is not None:
+      fin = fin.at[seq[t]].set(jnp.where(end[t], S[0], fin[seq[t]]))
+      o = jnp.where(live[t], o, 0.0)
+    return (S, fin), o
 
-  S, o = lax.scan(body, h0, (tm(q), tm(k), tm(v), tm(g), new))
-  return jnp.moveaxis(o, 0, 1), S
+  fin0 = None if seqs is None else H0
+  (S, fin), o = lax.scan(body, (h0, fin0), (jnp.arange(T), tm(q), tm(k), tm(v), tm(g), new))
+  return jnp.moveaxis(o, 0, 1), (S if seqs is None else fin)
 
 
 def resets(runs):
@@ -235,9 +266,12 @@ def resets(runs):
   return jnp.concatenate([jnp.zeros_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], 1)
 
 
-def _gla_chunked(q, k, v, g, h0, scale, C, inter, runs=None):
+def _gla_chunked(q, k, v, g, h0, scale, C, inter, runs=None, starts=None):
   """Chunkwise form. inter: 'scan' (lax.scan over chunks), 'assoc' (associative scan) or
-  'none' (a single chunk: the parallel form). runs: segment runs [B, T] or None."""
+  'none' (a single chunk: the parallel form). runs: segment runs [B, T] or None.
+  starts (the aligned varlen layout, B = 1): (cstart [n], per-chunk initial states
+  [1, H, n, K, V]); then the states leaving every chunk [1, H, n, K, V] are returned in
+  place of the final state."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   q, k, v, g = (pad_time(x, C) for x in (q, k, v, g))
@@ -280,25 +314,46 @@ def _gla_chunked(q, k, v, g, h0, scale, C, inter, runs=None):
   o_intra = dot("bhnij,bhnjv->bhniv", A.astype(cdt), v)
   Hc = dot("bhnjk,bhnjv->bhnkv", k_dec, v)                # chunk's own state contribution
 
-  S_start, S_final = _chunk_states(a, Hc, h0, inter)     # [B,H,n,K,V], [B,H,K,V]
+  if starts is not None:
+    h0 = jnp.zeros(Hc.shape[:2] + Hc.shape[3:], F32)
+  S_start, S_end = _chunk_states(a, Hc, h0, inter, starts)  # [B,H,n,K,V], [B,H,n|1,K,V]
   o = scale * (dot("bhnik,bhnkv->bhniv", q_dec, S_start.astype(cdt)) + o_intra)
   o = jnp.moveaxis(o, 1, 3).reshape(B, n * C, H, V)[:, :T]
-  return o, S_final
+  return o, (S_end if starts is not None else S_end[:, :, -1])
 
 
-def _chunk_states(a, Hc, h0, inter):
-  """States at the start of every chunk given S_end = a * S_start + Hc (a broadcasts)."""
+def _chunk_states(a, Hc, h0, inter, starts=None):
+  """States entering every chunk and leaving it (every chunk with `starts`, else the last
+  one only, [B, H, 1, K, V]) given S_end = a * S_start + Hc (a broadcasts).
+  starts: (cstart [n], initial states [B, H, n, K, V]): a chunk with cstart >= 0 starts a
+  sequence, its entering state is replaced by that initial state."""
   n = Hc.shape[2]
   a = jnp.broadcast_to(a, Hc.shape[:3] + a.shape[3:])
-  if inter == "none" or n == 1:
-    return h0[:, :, None], a[:, :, 0] * h0 + Hc[:, :, 0]
-  if inter == "scan":
+  if starts is not None:
+    st, H0 = starts
+    new = (st >= 0)[None, None, :, None, None]
+  if (inter == "none" or n == 1) and starts is None:
+    return h0[:, :, None], (a[:, :, 0] * h0 + Hc[:, :, 0])[:, :, None]
+  if inter in ("scan", "none"):
     def body(S, xs):
-      ac, hc = xs
-      return ac * S + hc, S
-    S_final, S_start = lax.scan(body, h0, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(Hc, 2, 0)))
-    return jnp.moveaxis(S_start, 0, 2), S_final
-  # associative scan over affine maps S -> a S + h
+      ac, hc = xs[:2]
+      if starts is None:
+        return ac * S + hc, S
+      S = jnp.where(xs[2] >= 0, xs[3], S)
+      S1 = ac * S + hc
+      return S1, (S, S1)
+    xs = (jnp.moveaxis(a, 2, 0), jnp.moveaxis(Hc, 2, 0))
+    if starts is None:
+      S_final, S_start = lax.scan(body, h0, xs)
+      return jnp.moveaxis(S_start, 0, 2), S_final[:, :, None]
+    _, (S_start, S_end) = lax.scan(body, h0, xs + (st, jnp.moveaxis(H0, 2, 0)))
+    return jnp.moveaxis(S_start, 0, 2), jnp.moveaxis(S_end, 0, 2)
+  # associative scan over affine maps S -> a S + h; a chunk that starts a sequence maps
+  # everything to its constant a h0 + h
+  if starts is not None:
+    Hc = jnp.where(new, a * H0 + Hc, Hc)
+    a = jnp.where(new, 0.0, a)
+
   def combine(x, y):
     a1, h1 = x
     a2, h2 = y
@@ -306,7 +361,9 @@ def _chunk_states(a, Hc, h0, inter):
   ap, hp = lax.associative_scan(combine, (a, Hc), axis=2)
   S_end = ap * h0[:, :, None] + hp
   S_start = jnp.concatenate([h0[:, :, None], S_end[:, :, :-1]], axis=2)
-  return S_start, S_end[:, :, -1]
+  if starts is not None:
+    S_start = jnp.where(new, H0, S_start)
+  return S_start, S_end
 
 
 def segsum(g, axis=-1):
