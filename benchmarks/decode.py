@@ -109,7 +109,7 @@ def main(argv=None):
   base = Llama(cfg, rngs=nnx.Rngs(0))
   rows = []
   for name, mixer, kw in STUDENTS:
-    model = base if mixer is None else linearize(nnx.clone(base), mixer, **kw)
+    model = base if mixer is None else linearize(base, mixer, **kw)
     cells = []
     for L in contexts:
       ms, nbytes = bench(model, L, args.steps)

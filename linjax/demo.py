@@ -107,7 +107,7 @@ def main(argv=None):
   results = {}
   results["teacher (softmax)"] = R.quick_eval(teacher, None, held, seq_len=seq)
   if not args.no_baseline:
-    swa = linearize(nnx.clone(teacher), "sliding_window", window=args.window, num_sinks=4)
+    swa = linearize(teacher, "sliding_window", window=args.window, num_sinks=4)
     results[f"sliding window {args.window} + 4 sinks"] = R.quick_eval(swa, teacher, held, seq_len=seq)
     del swa
   say(f"  teacher held-out ppl {results['teacher (softmax)']['ppl']:.2f}  "
@@ -115,7 +115,7 @@ def main(argv=None):
 
   # 3. linearize ---------------------------------------------------------------------------
   head(f"linearizing every layer: LoLCATs ({args.variant}, window {args.window})")
-  student = linearize(nnx.clone(teacher), "lolcats", window=args.window, variant=args.variant)
+  student = linearize(teacher, "lolcats", window=args.window, variant=args.variant)
   elapsed = time.time() - t_start
   remaining = max(budget - elapsed - (30 if args.quick else 150), 60.0)  # keep time for the end
 

@@ -183,7 +183,7 @@ print(f"loaded {os.path.basename(gguf)} in {time.time() - t0:.0f}s:",
     md("## Linearize: every layer becomes a LoLCATs hybrid, reusing q/k/v/o weights"),
     code("""
 from flax import nnx
-student = linjax.linearize(nnx.clone(teacher), mixer="lolcats", window=64)   # the teacher stays
+student = linjax.linearize(teacher, mixer="lolcats", window=64)   # a new model: the teacher stays
 print(student.config.mixers[:3], "...")
 """),
     md("""

@@ -25,8 +25,9 @@ def tokens(B=2, T=40, seed=0):
 
 def test_linearize_copies_qkvo_and_updates_config():
   teacher = tiny_llama()
-  student = nnx.clone(teacher)
-  linearize(student, "lolcats", layers=[1], window=8)
+  student = linearize(teacher, "lolcats", layers=[1], window=8)
+  assert student is not teacher and teacher.config.mixers == ("softmax", "softmax")
+  assert type(teacher.layers[1].self_attn).__name__ == "LlamaAttention"   # teacher intact
   assert student.config.mixers == ("softmax", "lolcats")
   assert student.config.layer_mixer_kwargs(1) == {"window": 8}
   for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -73,7 +74,7 @@ def test_attention_transfer_decreases_loss(mixer, kw, kind):
   else:  # cross-entropy has the teacher's entropy as its floor: check it moves down steadily
     assert all(b < a for a, b in zip(hist["loss"], hist["loss"][1:])), hist["loss"]
   # only feature maps moved
-  assert model.layers[0].self_attn.distill is None and model.layers[0].self_attn.mode == "chunk"
+  assert model.layers[0].self_attn.distill is None and model.layers[0].self_attn.method == "auto"
 
 
 def test_lora_finetune_decreases_ce():
@@ -209,3 +210,28 @@ def test_finetune_records_grad_norm_and_stops_on_non_finite_loss():
   nnx.update(m, jax.tree.map(lambda a: a * np.nan, nnx.state(m, LoRAParam)))
   with pytest.raises(NonFiniteLossError, match="fine-tune.*non-finite loss.*step 0"):
     recipes.finetune(m, batches, lr=1e-3, trainable=LoRAParam, progress=False, log=None)
+
+
+def test_linearize_names_bad_layers_and_kwargs():
+  model = tiny_llama()
+  with pytest.raises(ValueError, match="layer index 5 is out of range for a model with 2 layers"):
+    linearize(model, "lolcats", layers=[5])
+  with pytest.raises(ValueError, match=r"unknown keyword argument\(s\) \['windw'\] for mixer "
+                                       r"'lolcats'; valid: .*'window'"):
+    linearize(model, "lolcats", windw=8)
+  assert linearize(model, "gla", layers=[-1]).config.mixers == ("softmax", "gla")
+
+
+def test_set_method_is_recorded_in_the_config_and_reloads(tmp_path):
+  from linjax.convert import save_linjax
+  from linjax.linearize import set_method
+  model = set_method(linearize(tiny_llama(), "gla", layers=[0]), "assoc_scan", softmax="chunk")
+  assert model.layers[0].self_attn.method == "assoc_scan"
+  assert model.layers[1].self_attn.method == "chunk"
+  assert model.config.layer_mixer_kwargs(0)["method"] == "assoc_scan"
+  save_linjax(model, str(tmp_path / "m"))
+  loaded, _ = linjax.from_pretrained(str(tmp_path / "m"), tokenizer=False)
+  assert loaded.layers[0].self_attn.method == "assoc_scan"
+  assert loaded.layers[1].self_attn.method == "chunk"
+  with pytest.raises(ValueError, match="method"):
+    set_method(model, "flash")

@@ -254,17 +254,6 @@ def test_return_hidden_and_remat():
   np.testing.assert_allclose(np.asarray(remat(toks)[0]), np.asarray(logits), atol=1e-6)
 
 
-def test_project_qkv_reusable():
-  model = Llama(small_config(), rngs=nnx.Rngs(0))
-  attn = model.layers[0].self_attn
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 32))
-  pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
-  q, k, v = attn.project_qkv(x, pos)
-  assert q.shape == (2, 7, 4, 8) and k.shape == v.shape == (2, 7, 2, 8)
-  o = attn.output(attn.attend(q, k, v, q_positions=pos, kv_positions=pos))
-  np.testing.assert_allclose(np.asarray(o), np.asarray(attn(x, positions=pos)[0]), atol=1e-6)
-
-
 def test_full_cache_overflow_raises_instead_of_dropping_tokens():
   model = Llama(small_config(), rngs=nnx.Rngs(0))
   toks = jnp.asarray(tokens(1, 6, seed=6))

@@ -1,4 +1,4 @@
-"""Linear and hybrid mixers: the three modes agree, prefill + decode equals one full pass,
+"""Linear and hybrid mixers: the methods agree, prefill + decode equals one full pass,
 padding and packed segments are exact, and a Llama built from them decodes like it runs."""
 import jax
 import jax.numpy as jnp
@@ -54,9 +54,9 @@ def perturb(module, seed=0, scale=0.1):
   nnx.update(module, jax.tree.unflatten(tree, leaves))
 
 
-def make_mixer(name, kw, mode="chunk", seed=0):
+def make_mixer(name, kw, method="chunk", seed=0):
   cfg = tiny_config()
-  m = get_mixer(name)(cfg, 0, rngs=nnx.Rngs(seed), mode=mode, **kw)
+  m = get_mixer(name)(cfg, 0, rngs=nnx.Rngs(seed), method=method, **kw)
   perturb(m, seed)
   return m
 
@@ -73,15 +73,15 @@ def inputs(B=2, T=37, seed=1):
 
 
 @pytest.mark.parametrize("name,kw,tol", MIXERS, ids=IDS)
-def test_modes_agree(name, kw, tol):
+def test_methods_agree(name, kw, tol):
   m = make_mixer(name, kw)
   x, pos = inputs()
   outs = {}
-  for mode in ("quadratic", "chunk", "recurrent"):
-    m.mode = mode
-    outs[mode], c = run(m, x, pos)
+  for method in ("parallel", "chunk", "recurrent"):
+    m.method = method
+    outs[method], c = run(m, x, pos)
     assert c is None
-  assert_rel(outs["recurrent"], outs["quadratic"], tol, f"{name} quadratic vs recurrent")
+  assert_rel(outs["recurrent"], outs["parallel"], tol, f"{name} parallel vs recurrent")
   assert_rel(outs["recurrent"], outs["chunk"], tol, f"{name} chunk vs recurrent")
 
 
@@ -121,11 +121,11 @@ def test_left_padding_and_segments(name, kw, tol):
   xp = jnp.concatenate([x, x2], 1)
   pp = jnp.concatenate([pos, pos[:, :13]], 1)
   sp = jnp.concatenate([jnp.ones((1, 21), jnp.int32), 2 * jnp.ones((1, 13), jnp.int32)], 1)
-  for mode in ("quadratic", "chunk"):
-    m.mode = mode
+  for method in ("parallel", "chunk"):
+    m.method = method
     yp, _ = run(m, xp, pp, sp)
-    assert_rel(ref, yp[:, :21], tol, f"{name} packed doc 1 ({mode})")
-    assert_rel(ref2, yp[:, 21:], tol, f"{name} packed doc 2 ({mode})")
+    assert_rel(ref, yp[:, :21], tol, f"{name} packed doc 1 ({method})")
+    assert_rel(ref2, yp[:, 21:], tol, f"{name} packed doc 2 ({method})")
 
 
 @pytest.mark.parametrize("name,kw", [("lolcats", dict(window=8)), ("deltanet", {})])
@@ -163,20 +163,20 @@ def test_distill_mode_returns_teacher_and_sows_loss():
 # pre-activations crosses kinks at any step size that f32 resolves.
 # Chunk mode (training) for all by default, quadratic (distillation) for the hybrids; the
 # rest under `make test-slow`.
-FD_CASES = [pytest.param(m[0], m[1], mode, id=f"{i}-{mode}",
-                         marks=() if mode == "chunk" or m[0] in ("lolcats", "liger")
+FD_CASES = [pytest.param(m[0], m[1], method, id=f"{i}-{method}",
+                         marks=() if method == "chunk" or m[0] in ("lolcats", "liger")
                          else pytest.mark.slow)
             for m, i in zip(MIXERS, IDS) if "dpfp" not in i and "t2r" not in i
-            for mode in ("quadratic", "chunk")]
+            for method in ("parallel", "chunk")]
 
 
-@pytest.mark.parametrize("name,kw,mode", FD_CASES)
-def test_gradients_match_finite_differences(name, kw, mode):
+@pytest.mark.parametrize("name,kw,method", FD_CASES)
+def test_gradients_match_finite_differences(name, kw, method):
   """d loss along a random direction of (input, every parameter): autodiff vs a central
   finite difference of the forward itself. Catches gradients that disagree with the forward
   (a detached max in LoLCATs' shared denominator once flipped the sign of the q/k gradient
   and made LoRA fine-tunes diverge); the mode-agreement tests cannot see that."""
-  m = make_mixer(name, kw, mode=mode)
+  m = make_mixer(name, kw, method=method)
   x, pos = inputs(B=1, T=21)
   w = jax.random.normal(jax.random.PRNGKey(5), (1, 21, 48))
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
@@ -199,4 +199,4 @@ def test_gradients_match_finite_differences(name, kw, mode):
   eps = 1e-3
   shift = lambda s: (jax.tree.map(lambda a, d: a + s * d, params, dp), x + s * dx)
   fd = (float(f(*shift(eps))) - float(f(*shift(-eps)))) / (2 * eps)
-  assert abs(auto - fd) <= 1e-2 * max(abs(fd), 0.1), (name, mode, auto, fd)
+  assert abs(auto - fd) <= 1e-2 * max(abs(fd), 0.1), (name, method, auto, fd)

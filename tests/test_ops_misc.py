@@ -18,35 +18,48 @@ KEY = jax.random.PRNGKey(0)
 
 def test_simple_feature_maps():
   x = jax.random.normal(KEY, (2, 5, 3, 8))
+  xn = np.asarray(x, np.float64)
   np.testing.assert_array_equal(fm.identity(x), x)
-  np.testing.assert_allclose(fm.relu(x), np.maximum(np.asarray(x), 0))
-  xn = np.asarray(x)
-  np.testing.assert_allclose(fm.elu_plus_one(x), np.where(xn > 0, xn + 1, np.exp(xn)), rtol=1e-6)
-  assert (fm.elu_plus_one(x) > 0).all()
-  sm = fm.softmax_head(x)
-  np.testing.assert_allclose(sm.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(fm.relu(x), np.maximum(xn, 0))
+  np.testing.assert_allclose(fm.elu(x), np.where(xn > 0, xn + 1, np.exp(xn)), rtol=1e-6)
+  assert (fm.elu(x) > 0).all()
+  sm = fm.softmax(x)
   np.testing.assert_allclose(sm, np.exp(xn) / np.exp(xn).sum(-1, keepdims=True), rtol=1e-5)
+  l2 = xn / np.sqrt((xn ** 2).sum(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(fm.l2(x), l2, rtol=1e-5)
+  silu = xn / (1 + np.exp(-xn))
+  np.testing.assert_allclose(fm.silu_l2(x), silu / np.sqrt((silu ** 2).sum(-1, keepdims=True) + 1e-6),
+                             rtol=1e-5, atol=1e-7)
+  for kind in ("identity", "elu", "relu", "softmax", "silu_l2", "l2", "dpfp"):
+    np.testing.assert_array_equal(fm.apply(kind, x), getattr(fm, kind)(x))
+    assert fm.apply(kind, x).shape[-1] == fm.output_dim(kind, 8)
 
 
 @pytest.mark.parametrize("per_head", [True, False])
 def test_t2r_and_hedgehog(per_head):
+  """Against the formulas written out in numpy: T2R relu(xW + b); Hedgehog as LoLCATs ships
+  it, [softmax(xW + b), softmax(-(xW + b))] each over its own half, floored at 1e-12."""
   H, D, F = 3, 8, 6
   x = jax.random.normal(KEY, (2, 5, H, D))
   k1, k2 = jax.random.split(KEY)
   w = jax.random.normal(k1, (H, D, F) if per_head else (D, F))
   b = jax.random.normal(k2, (H, F) if per_head else (F,))
-  z = np.einsum("bthd,hdf->bthf", x, w) if per_head else np.einsum("bthd,df->bthf", x, w)
-  z = z + np.asarray(b)
+  xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  z = np.einsum("bthd,hdf->bthf", xn, wn) if per_head else np.einsum("bthd,df->bthf", xn, wn)
+  z = z + np.asarray(b, np.float64)
   np.testing.assert_allclose(fm.t2r(x, w, b), np.maximum(z, 0), rtol=1e-5, atol=1e-6)
-  zz = np.concatenate([z, -z], -1)
-  want = np.exp(zz - zz.max(-1, keepdims=True))
-  want /= want.sum(-1, keepdims=True)
-  np.testing.assert_allclose(fm.hedgehog(x, w, b), want, rtol=1e-5, atol=1e-7)
-  split = fm.hedgehog(x, w, b, split=True)
-  assert split.shape == (2, 5, H, 2 * F)
-  np.testing.assert_allclose(split[..., :F].sum(-1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(split[..., F:].sum(-1), 1.0, rtol=1e-5)
+  sm = lambda a: np.exp(a - a.max(-1, keepdims=True)) / np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  want = np.maximum(np.concatenate([sm(z), sm(-z)], -1), 1e-12)
+  got = fm.hedgehog(x, w, b)
+  assert got.shape == (2, 5, H, 2 * F)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[..., :F].sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(got[..., F:].sum(-1), 1.0, rtol=1e-5)
+  # a large projection drives some features below the floor: they are 1e-12, never 0
+  big = fm.hedgehog(x * 100, w, b)
+  assert float(big.min()) == pytest.approx(1e-12)
   assert fm.output_dim("hedgehog", D, F) == 2 * F and fm.output_dim("t2r", D, F) == F
+  np.testing.assert_array_equal(fm.apply("hedgehog", x, w, b), got)
 
 
 def test_feature_map_errors_name_the_argument():
@@ -56,7 +69,9 @@ def test_feature_map_errors_name_the_argument():
   with pytest.raises(ValueError, match=r"`b` must have shape"):
     fm.hedgehog(x, jnp.zeros((3, 8, 6)), jnp.zeros((6,)))
   with pytest.raises(ValueError, match="unknown feature map"):
-    fm.get("cosine")
+    fm.apply("cosine", x)
+  with pytest.raises(ValueError, match="needs a weight"):
+    fm.apply("hedgehog", x)
 
 
 @pytest.mark.parametrize("nu", [1, 2])

@@ -51,12 +51,7 @@ class CheckpointMismatchError(ValueError):
 
 def abstract_model(config: LlamaConfig):
   """(graphdef, abstract state) without allocating weights."""
-  try:
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  except jax.errors.ConcretizationTypeError:
-    # Mixers whose __init__ turns jnp constants into Python floats (the fixed decays of
-    # retention / lightning / supra / linear with decay=) cannot be traced: build for real.
-    model = Llama(config, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   return nnx.split(model)
 
 

@@ -1,33 +1,46 @@
 """Linearizing: swap the softmax attention of chosen layers for another mixer, reusing weights.
 
-    model = linjax.linearize(model, mixer="lolcats", layers=None, window=64, variant="sw")
+    student = linjax.linearize(model, mixer="lolcats", layers=None, window=64, variant="sw")
 
-copies q/k/v/o_proj (kernels and biases) of each chosen layer into the new mixer (new
-parameters such as feature maps are `FeatureMapParam`s at their init), and records the
-choice in `model.config.mixers` / `mixer_kwargs`, so `linjax.convert.save_linjax` and
-`linjax.from_pretrained` round-trip the linearized model.
+returns a new model (the teacher is left intact; `inplace=True` modifies `model` instead)
+whose chosen layers hold the new mixer with q/k/v/o_proj (kernels and biases) copied from
+the teacher's attention; new parameters such as feature maps are `FeatureMapParam`s at their
+init. The choice is recorded in `model.config.mixers` / `mixer_kwargs`, so
+`linjax.convert.save_linjax` and `linjax.from_pretrained` round-trip the linearized model.
+`method=` (see `linjax.layers.base`) is a mixer kwarg like any other; `set_method` changes
+it on a built model.
 
-Recipes (`linjax.linearize.recipes`): attention transfer (LoLCATs stage 1, Hedgehog),
-LoRA / full fine-tuning with cross-entropy (LoLCATs stage 2, Liger, SUPRA);
-`linjax.linearize.run` runs one from an `experiments/*.py` config.
+The pieces the training recipes use (the transfer losses, the objectives) are in
+`linjax.linearize.losses`; the training loop is `linjax.train`.
 """
 from __future__ import annotations
 
 from flax import nnx
 
-from linjax.layers.mixers import get_mixer
+from linjax.layers.mixers import build_mixer, check_mixer_kwargs
 
 SHARED = ("q_proj", "k_proj", "v_proj", "o_proj")
+SOFTMAX = ("softmax", "sliding_window")
 
 
-def _layer_ids(layers, n):
+def layer_ids(layers, n):
+  """Layer indices from None (all), ints (Python-style negatives allowed), a slice or a
+  predicate; raises naming any index outside [-n, n)."""
   if layers is None:
     return list(range(n))
   if callable(layers):
     return [i for i in range(n) if layers(i)]
   if isinstance(layers, slice):
     return list(range(n))[layers]
-  ids = [int(i) % n for i in layers]
+  if isinstance(layers, int):
+    layers = [layers]
+  ids = []
+  for i in layers:
+    i = int(i)
+    if not -n <= i < n:
+      raise ValueError(f"layer index {i} is out of range for a model with {n} layers "
+                       f"(valid: 0..{n - 1}, or -{n}..-1 from the end)")
+    ids.append(i % n)
   return sorted(set(ids))
 
 
@@ -45,29 +58,29 @@ def _copy_linear(src, dst, name):
     d[...] = s[...].astype(d[...].dtype)
 
 
-def linearize(model, mixer: str = "lolcats", layers=None, *, seed: int = 0, **mixer_kwargs):
+def linearize(model, mixer: str = "lolcats", layers=None, *, seed: int = 0,
+              inplace: bool = False, **mixer_kwargs):
   """Replace `self_attn` of `layers` (None: all; ints, a slice or a predicate) by `mixer`.
 
-  Returns the same model object, modified in place.
+  Returns the linearized model: a new one unless `inplace=True`.
   """
+  check_mixer_kwargs(mixer, mixer_kwargs)
+  if not inplace:
+    model = nnx.clone(model)
   cfg = model.config
   n = cfg.num_hidden_layers
-  ids = _layer_ids(layers, n)
-  cls = get_mixer(mixer)
+  ids = layer_ids(layers, n)
   mixers = list(cfg.mixers)
   kwargs = [cfg.layer_mixer_kwargs(i) for i in range(n)]
   for i in ids:
     mixers[i] = mixer
     kwargs[i] = dict(mixer_kwargs)
-  if all(not k for k in kwargs):
-    mk = None
-  else:
-    mk = kwargs
+  mk = None if all(not k for k in kwargs) else kwargs
   new_cfg = cfg.replace(mixers=tuple(mixers), mixer_kwargs=mk)
   for i in ids:
     layer = model.layers[i]
     old = layer.self_attn
-    new = cls(new_cfg, i, rngs=nnx.Rngs(seed + i), **mixer_kwargs)
+    new = build_mixer(mixer, new_cfg, i, rngs=nnx.Rngs(seed + i), **mixer_kwargs)
     for name in SHARED:
       _copy_linear(getattr(old, name), getattr(new, name), f"layers[{i}].self_attn.{name}")
     layer.self_attn = new
@@ -77,27 +90,44 @@ def linearize(model, mixer: str = "lolcats", layers=None, *, seed: int = 0, **mi
 
 def linear_mixers(model):
   """The mixers of `model` that are not plain softmax attention."""
-  return [l.self_attn for l in model.layers if getattr(l.self_attn, "mixer_name", "softmax")
-          not in ("softmax", "sliding_window")]
+  return [l.self_attn for l in model.layers
+          if getattr(l.self_attn, "mixer_name", "softmax") not in SOFTMAX]
 
 
-def set_mode(model, mode: str):
-  """Set `mode` ("quadratic" | "chunk" | "recurrent") on every linear mixer."""
-  for m in linear_mixers(model):
-    if hasattr(m, "mode"):
-      m.mode = mode
+def set_method(model, method: str, *, softmax: str | None = None):
+  """Set `method` on every linear / hybrid mixer (and, with `softmax=`, the attention method
+  of the softmax layers); recorded in `model.config.mixer_kwargs`. Returns the model."""
+  from linjax.layers.base import check_method
+  from linjax.ops.softmax import ATTENTION_METHODS
+  check_method(method)
+  if softmax is not None and softmax not in ATTENTION_METHODS:
+    raise ValueError(f"softmax attention method must be one of {ATTENTION_METHODS}, got "
+                     f"{softmax!r}")
+  cfg = model.config
+  kwargs = [cfg.layer_mixer_kwargs(i) for i in range(cfg.num_hidden_layers)]
+  for i, layer in enumerate(model.layers):
+    m = layer.self_attn
+    new = softmax if getattr(m, "mixer_name", "softmax") in SOFTMAX else method
+    if new is None:
+      continue
+    m.method = new
+    kwargs[i]["method"] = new
+  model.config = cfg.replace(mixer_kwargs=None if all(not k for k in kwargs) else kwargs)
   return model
 
 
 def set_distill(model, kind):
   """kind "mse" | "xent" puts attention-transfer mixers in distillation mode; None ends it."""
+  from linjax.layers.distill import DISTILL_KINDS
+  if kind is not None and kind not in DISTILL_KINDS:
+    raise ValueError(f"distill kind must be one of {DISTILL_KINDS} or None, got {kind!r}")
   for m in linear_mixers(model):
     if hasattr(m, "distill"):
       m.distill = kind
   return model
 
 
-__all__ = ["linearize", "linear_mixers", "set_mode", "set_distill"]
+__all__ = ["linearize", "linear_mixers", "layer_ids", "set_method", "set_distill"]
 
 
 # `linjax.linearize` is both this package and the function: once the package is imported,

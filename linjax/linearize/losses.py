@@ -5,7 +5,7 @@
       layer, on teacher-forced hidden states; train with `trainable = FeatureMapParam`.
   hedgehog            attention_transfer with kind="xent" (attention-weight cross-entropy).
 
-Both put the model's linear mixers in distill + quadratic mode for the call and restore the
+Both put the model's linear mixers in distill mode for the call and restore the
 previous settings afterwards, so the model's structure is unchanged between steps.
 """
 from __future__ import annotations
@@ -17,15 +17,15 @@ from linjax.train.losses import register_loss
 
 def _transfer(model, batch, kind, loss_scale):
   mixers = [m for m in linear_mixers(model) if hasattr(m, "distill")]
-  saved = [(m.distill, getattr(m, "mode", None)) for m in mixers]
+  saved = [m.distill for m in mixers]
   try:
     for m in mixers:
-      m.distill, m.mode = kind, "quadratic"
+      m.distill = kind
     losses = transfer_losses(model, batch["input_ids"], batch.get("positions"),
                              batch.get("segment_ids"))
   finally:
-    for m, (d, mode) in zip(mixers, saved):
-      m.distill, m.mode = d, mode
+    for m, d in zip(mixers, saved):
+      m.distill = d
   mean = losses.mean()
   return loss_scale * mean, {"transfer_loss": mean, "transfer_loss_max": losses.max()}
 

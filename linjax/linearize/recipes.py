@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from linjax.layers.params import FeatureMapParam, LoRAParam
-from linjax.linearize import set_distill, set_mode
+from linjax.linearize import set_distill
 
 
 def _progress(it, total, desc, enabled):
@@ -90,7 +90,7 @@ def collect_qkv(model, tokens):
   """Teacher-forced (rotary q, k and v per query head) of every distillable layer.
 
   The model runs in distill mode, so each layer's input is the teacher's hidden state."""
-  from linjax.layers.linear_mixers import repeat_kv, rotary
+  from linjax.layers.base import repeat_kv
   B, T = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   hs = model.hidden_states(tokens)
@@ -100,14 +100,14 @@ def collect_qkv(model, tokens):
     x = hs["mixer_inputs"][i]
     q, k, v = m.project(x)
     rep = m.num_heads // m.num_kv_heads
-    out.append((rotary(q, pos, m.config), repeat_kv(rotary(k, pos, m.config), rep),
-                repeat_kv(v, rep)))
+    out.append((m.rotate(q, pos), repeat_kv(m.rotate(k, pos), rep), repeat_kv(v, rep)))
   return out
 
 
 def cached_transfer_losses(model, qkvs, kind):
   """Per-layer transfer losses [L] from collected (q, k, v); each layer checkpointed."""
-  from linjax.layers.linear_mixers import softmax_heads, transfer_loss, segment_masks
+  from linjax.layers.base import segment_masks
+  from linjax.layers.distill import softmax_heads, transfer_loss
   losses = []
   for (i, m), (q, k, v) in zip(_distill_layers(model), qkvs):
     B, T = q.shape[:2]
@@ -136,7 +136,6 @@ def attention_transfer(model, batches, *, lr: float = 1e-2, kind: str = "mse",
   part on a CPU, the per-layer losses are cheap).
   """
   set_distill(model, kind)
-  set_mode(model, "quadratic")
   opt = nnx.Optimizer(model, optax.adam(lr), wrt=FeatureMapParam)
 
   collect = nnx.jit(collect_qkv)
@@ -173,7 +172,6 @@ def attention_transfer(model, batches, *, lr: float = 1e-2, kind: str = "mse",
       break
   hist["seconds"] = time.time() - t0
   set_distill(model, None)
-  set_mode(model, "chunk")
   return hist
 
 
@@ -207,7 +205,7 @@ def budget_lr(peak: float, step: int, done: float, warmup: int = 0, final: float
 
 def finetune(model, batches, *, lr: float = 1e-3, trainable=LoRAParam, warmup: int = 0,
              weight_decay: float = 0.0, time_budget: float | None = None,
-             progress: bool = True, log_every: int = 10, log=print, mode: str = "chunk"):
+             progress: bool = True, log_every: int = 10, log=print):
   """Next-token cross-entropy on the `trainable` parameters. Returns a history dict.
 
   The history holds per-step loss, learning rate and gradient norm (before the clip to 1).
@@ -217,7 +215,6 @@ def finetune(model, batches, *, lr: float = 1e-3, trainable=LoRAParam, warmup: i
   the rate near its peak when the budget stops it early).
   """
   set_distill(model, None)
-  set_mode(model, mode)
   n = len(batches)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.inject_hyperparams(optax.adamw)(learning_rate=lr,

@@ -65,7 +65,7 @@ def run_one(cfg, teacher, train_tokens, heldout, *, progress=True, log=print):
 
   t0 = time.time()
   seq = cfg.seq_len
-  student = linearize(nnx.clone(teacher), cfg.mixer, **dict(cfg.mixer_kwargs))
+  student = linearize(teacher, cfg.mixer, **dict(cfg.mixer_kwargs))
   out = {"name": cfg.name, "config": cfg.spec, "mixer": cfg.mixer,
          "mixer_kwargs": dict(cfg.mixer_kwargs), "machine": machine()}
   offset = 0

@@ -9,18 +9,28 @@
 
 Attribute names follow transformers (`embed_tokens`, `layers[i].self_attn.q_proj`, ...), so
 the converter table is short. Every parameter carries logical axis names.
+
+Layers: `config.scan_layers` runs a stack of identical layers (the same mixer and kwargs in
+every layer, e.g. a fully linearized model or the softmax teacher) as one `jax.lax.scan`
+over their stacked weights, so the model compiles one layer instead of L; layers that differ
+(a hybrid stack, Lightning's per-layer decays) run as a Python loop. The weights stay stored
+per layer (converters, LoRA and checkpoints see the same paths either way); the stack is
+built inside the traced call (one transient copy of the layer weights, sharded like them).
+`config.remat` checkpoints each layer in full-sequence passes: True (save nothing) or the name
+of a `jax.checkpoint_policies` policy (e.g. "dots_with_no_batch_dims_saveable").
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from linjax.layers.mixers import get_mixer
+from linjax.layers.mixers import build_mixer
 from linjax.layers.mlp import LlamaMLP, dense, partitioned
 from linjax.layers.norms import RMSNorm
 from linjax.layers.rotary import SUPPORTED_ROPE_TYPES
@@ -50,7 +60,7 @@ _IGNORED_HF_KEYS = {
     "label_smoothing", "_commit_hash", "layer_types",
 }
 
-_LINJAX_FIELDS = ("mixers", "mixer_kwargs", "dtype", "param_dtype", "remat")
+_LINJAX_FIELDS = ("mixers", "mixer_kwargs", "dtype", "param_dtype", "remat", "scan_layers")
 
 
 @dataclasses.dataclass
@@ -79,7 +89,8 @@ class LlamaConfig:
   mixer_kwargs: Any = None             # one dict for all layers, or a per-layer sequence
   dtype: str = "float32"               # activation / compute dtype
   param_dtype: str = "float32"
-  remat: bool = False                  # jax.checkpoint each layer in full-sequence passes
+  remat: Any = False                   # checkpoint each layer: False | True | a policy name
+  scan_layers: bool = False            # lax.scan over identical layers (see module docstring)
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -107,6 +118,11 @@ class LlamaConfig:
         raise UnsupportedConfigError(
             f"mixer_kwargs has {len(mk)} entries for {self.num_hidden_layers} layers")
       self.mixer_kwargs = mk
+    if not isinstance(self.remat, bool) and not (
+        isinstance(self.remat, str) and hasattr(jax.checkpoint_policies, self.remat)):
+      raise UnsupportedConfigError(
+          f"remat must be a bool or the name of a jax.checkpoint_policies policy, got "
+          f"{self.remat!r}")
     if self.hidden_act not in ("silu",):
       raise UnsupportedConfigError(f"hidden_act {self.hidden_act!r} is not supported (silu)")
     _check_rope(self.rope_scaling)
@@ -215,7 +231,8 @@ class LlamaConfig:
         "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
     }
     d["linjax"] = {"mixers": list(self.mixers), "mixer_kwargs": self.to_dict()["mixer_kwargs"],
-                   "dtype": self.dtype, "param_dtype": self.param_dtype, "remat": self.remat}
+                   "dtype": self.dtype, "param_dtype": self.param_dtype, "remat": self.remat,
+                   "scan_layers": self.scan_layers}
     return d
 
   @property
@@ -248,9 +265,8 @@ class LlamaDecoderLayer(nnx.Module):
     kw = dict(eps=config.rms_norm_eps, dtype=config.jnp_dtype,
               param_dtype=config.jnp_param_dtype)
     self.input_layernorm = RMSNorm(config.hidden_size, **kw)
-    mixer_cls = get_mixer(config.mixers[layer_idx])
-    self.self_attn = mixer_cls(config, layer_idx, rngs=rngs,
-                               **config.layer_mixer_kwargs(layer_idx))
+    self.self_attn = build_mixer(config.mixers[layer_idx], config, layer_idx, rngs=rngs,
+                                 **config.layer_mixer_kwargs(layer_idx))
     self.post_attention_layernorm = RMSNorm(config.hidden_size, **kw)
     self.mlp = LlamaMLP(config, rngs=rngs)
 
@@ -265,12 +281,28 @@ class LlamaDecoderLayer(nnx.Module):
     return x, cache
 
 
-def _remat_layer(layer, x, positions, segment_ids):
+def remat_policy(remat):
+  """None (no remat), or the `jax.checkpoint` policy named by config.remat."""
+  if remat is False or remat is None:
+    return None
+  return jax.checkpoint_policies.nothing_saveable if remat is True else getattr(
+      jax.checkpoint_policies, remat)
+
+
+def _layer_fwd(layer, x, positions, segment_ids):
   return layer(x, positions=positions, segment_ids=segment_ids)[0]
 
 
+def _stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _unstack(tree, n):
+  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
+
+
 class Llama(nnx.Module):
-  """Llama causal LM; `self_attn` of layer i is `get_mixer(config.mixers[i])`."""
+  """Llama causal LM; `self_attn` of layer i is the mixer `config.mixers[i]`."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -314,17 +346,22 @@ class Llama(nnx.Module):
     positions = positions.astype(jnp.int32)
     x = self.embed_tokens(tokens)
     trace = {"layer_inputs": [], "mixer_inputs": [], "mixer_outputs": []} if return_hidden else None
-    new_layers = []
-    for i, layer in enumerate(self.layers):
-      if trace is not None:
-        trace["layer_inputs"].append(x)
-      if self.config.remat and cache is None and trace is None:
-        x = nnx.remat(_remat_layer)(layer, x, positions, segment_ids)
-        c = None
-      else:
-        x, c = layer(x, positions=positions, segment_ids=segment_ids,
-                     cache=None if cache is None else cache["layers"][i], trace=trace)
-      new_layers.append(c)
+    policy = remat_policy(self.config.remat) if cache is None else None
+    if self.config.scan_layers and trace is None and self._scannable():
+      x, new_layers = self._scan(x, positions, segment_ids,
+                                 None if cache is None else cache["layers"], policy)
+    else:
+      new_layers = []
+      for i, layer in enumerate(self.layers):
+        if trace is not None:
+          trace["layer_inputs"].append(x)
+        if policy is not None and trace is None:
+          x = nnx.remat(_layer_fwd, policy=policy)(layer, x, positions, segment_ids)
+          c = None
+        else:
+          x, c = layer(x, positions=positions, segment_ids=segment_ids,
+                       cache=None if cache is None else cache["layers"][i], trace=trace)
+        new_layers.append(c)
     if trace is not None:
       trace["final"] = x
     x = self.norm(x)
@@ -340,6 +377,33 @@ class Llama(nnx.Module):
     if return_hidden:
       return logits, cache, trace
     return logits, cache
+
+  def _scannable(self) -> bool:
+    """True when every layer has the same structure (graphdef) and none is distilling."""
+    g0 = nnx.graphdef(self.layers[0])
+    same = all(nnx.graphdef(l) == g0 for l in self.layers[1:])
+    distilling = any(getattr(l.self_attn, "distill", None) for l in self.layers)
+    if not same:
+      warnings.warn("scan_layers: the layers differ (mixers, kwargs or per-layer constants); "
+                    "running them as a loop", stacklevel=3)
+    return same and not distilling
+
+  def _scan(self, x, positions, segment_ids, caches, policy):
+    """The layers as one lax.scan over their stacked states (and stacked caches)."""
+    n = len(self.layers)
+    gdef = nnx.graphdef(self.layers[0])
+    stacked = _stack([nnx.state(l) for l in self.layers])
+    cs = None if caches is None else _stack(caches)
+
+    def body(x, xs):
+      st, c = xs
+      x, c = nnx.merge(gdef, st)(x, positions=positions, segment_ids=segment_ids, cache=c)
+      return x, c
+
+    if policy is not None:
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, new = jax.lax.scan(body, x, (stacked, cs))
+    return x, ([None] * n if caches is None else _unstack(new, n))
 
   def hidden_states(self, tokens, positions=None, segment_ids=None) -> dict:
     """Teacher-forced activations of a full pass: lists (one per layer) "layer_inputs"

@@ -118,11 +118,13 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
 
 
 def softmax_attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=None,
-                      scale=None):
+                      scale=None, positions=None):
   """Plain masked softmax attention in float32, one query at a time (GQA by head repeat).
 
-  q: [B, T, Hq, D], k/v: [B, T, Hkv, D]; key j is visible to query i when j <= i (causal),
-  i - j < window (sliding window) or j < num_sinks (attention sinks), and segments match.
+  q: [B, T, Hq, D], k/v: [B, T, Hkv, D]; with p = positions (default 0..T-1 per row), key j
+  is visible to query i when j <= i (causal), p_i - p_j < window (sliding window) or
+  p_j < num_sinks (attention sinks: with positions restarting per packed document, every
+  document has its own), and segments match.
   """
   B, T, Hq, D = q.shape
   rep = Hq // k.shape[2]
@@ -131,12 +133,12 @@ def softmax_attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment
   scale = D ** -0.5 if scale is None else scale
   j = jnp.arange(T)
 
-  def one_query(i, qi, seg_i, k, v, seg):
+  def one_query(i, qi, seg_i, pos_i, k, v, seg, pos):
     vis = jnp.ones((T,), bool)
     if causal:
       vis &= j <= i
     if window is not None:
-      vis &= (i - j < window) | (j < num_sinks)
+      vis &= (pos_i - pos < window) | (pos < num_sinks)
     if segment_ids is not None:
       vis &= seg == seg_i
     s = jnp.einsum("hd,thd->ht", qi.astype(jnp.float32) * scale, k)
@@ -145,6 +147,7 @@ def softmax_attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment
     return jnp.einsum("ht,thd->hd", p, v)
 
   seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
-  per_row = jax.vmap(one_query, in_axes=(0, 0, 0, None, None, None))
-  o = jax.vmap(lambda q, s, k, v: per_row(j, q, s, k, v, s))(q, seg, k, v)
+  pos = jnp.broadcast_to(j, (B, T)) if positions is None else positions
+  per_row = jax.vmap(one_query, in_axes=(0, 0, 0, 0, None, None, None, None))
+  o = jax.vmap(lambda q, s, p, k, v: per_row(j, q, s, p, k, v, s, p))(q, seg, pos, k, v)
   return o.astype(v.dtype)

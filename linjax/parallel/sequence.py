@@ -380,21 +380,25 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
 
 def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=None,
               kv_segment_ids=None, q_positions=None, kv_positions=None, scale=None,
-              mask=None):
+              mask=None, method="auto", return_stats=False, window_kind="sliding",
+              block_size=64):
   """`linjax.ops.attention`, sequence-parallel (LASP-2H) under a mesh with seq > 1.
 
   Self-attention over the whole sequence (as many keys as queries; no extra `mask`, no
   separate `kv_segment_ids`); anything else runs the plain op. Full / long-window layers
   all-gather K and V along seq. A causal window with window - 1 <= T / P takes only the
   previous shard's last window - 1 tokens (one collective-permute); this assumes positions
-  grow along T inside a segment (true for every Llama batch, packed or not). Sinks with
-  default positions are the sequence's first tokens (a psum from shard 0); with explicit
-  positions (packed documents restart them) sink layers use the all-gather form.
+  grow along T inside a segment (true for every Llama batch, packed or not). The shard's
+  own tokens then run `method` (the blocked form on CPU: O(L * window)) and the previous
+  shard's tail plus the sinks the masked form, merged by log-sum-exp. Sinks with default
+  positions are the sequence's first tokens (a psum from shard 0); with explicit positions
+  (packed documents restart them) sink layers use the all-gather form.
   """
   ops = _ops()
   kw = dict(causal=causal, window=window, num_sinks=num_sinks, segment_ids=segment_ids,
             kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions,
-            scale=scale, mask=mask)
+            scale=scale, mask=mask, method=method, return_stats=return_stats,
+            window_kind=window_kind, block_size=block_size)
   mesh = _sp_mesh()
   if mesh is None:
     return ops.attention(q, k, v, **kw)
@@ -414,10 +418,14 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
   h = _head_axis(mesh, Hq, Hkv)
   tok, tok2 = P(b, SEQ, h, None), P(b, SEQ)
   positions = q_positions is not None
-  sliding = (causal and window is not None and window - 1 <= L
+  span = None if window is None else (window if window_kind == "sliding" else 2 * window)
+  sliding = (causal and window is not None and span - 1 <= L
              and (num_sinks == 0 or (not positions and num_sinks <= L)))
+  if not sliding and (return_stats or window_kind != "sliding"):
+    return ops.attention(q, k, v, **kw)     # stats / block windows: the sliding form only
   perm = [(i, i + 1) for i in range(P_ - 1)]
   same = v.dtype == k.dtype
+  local_method = "parallel" if method == "parallel" else "chunk"
 
   def pack(k, v):  # K and V travel in one collective when they share a dtype
     return jnp.concatenate([k, v], axis=-1) if same else (k, v)
@@ -439,8 +447,9 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
       kseg = None if seg is None else lax.all_gather(seg, SEQ, axis=1, tiled=True)
       return ops.attention(q, k_all, v_all, causal=causal, window=window,
                            num_sinks=num_sinks, segment_ids=seg, kv_segment_ids=kseg,
-                           q_positions=qpos, kv_positions=kpos_all, scale=scale)
-    W1 = window - 1
+                           q_positions=qpos, kv_positions=kpos_all, scale=scale,
+                           method="parallel")
+    W1 = span - 1
     qseg = jnp.zeros((Bl, L), jnp.int32) if seg is None else seg
     ks, vs, ps, ss = [], [], [], []
     if num_sinks:  # default positions: the sinks are global tokens [0, num_sinks)
@@ -460,11 +469,18 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
       tseg = (jnp.zeros((Bl, W1), jnp.int32) if seg is None
               else lax.ppermute(qseg[:, L - W1:], SEQ, perm))
       ks.append(tk), vs.append(tv), ps.append(tpos), ss.append(jnp.where(p == 0, -1, tseg))
-    ks.append(k), vs.append(v), ps.append(kpos), ss.append(qseg)
-    cat = lambda xs: jnp.concatenate(xs, axis=1)
-    return ops.attention(q, cat(ks), cat(vs), causal=True, window=window,
-                         num_sinks=num_sinks, segment_ids=qseg, kv_segment_ids=cat(ss),
-                         q_positions=qpos, kv_positions=cat(ps), scale=scale)
+    akw = dict(causal=True, window=window, num_sinks=num_sinks, segment_ids=qseg,
+               q_positions=qpos, scale=scale, return_stats=True, window_kind=window_kind)
+    o, lse, m = ops.attention(q, k, v, kv_positions=kpos, method=local_method,
+                              block_size=block_size, **akw)
+    if ks:  # the previous shard's tail and the sinks: a few keys, the masked form
+      cat = lambda xs: jnp.concatenate(xs, axis=1)
+      o2, lse2, m2 = ops.attention(q, cat(ks), cat(vs), kv_segment_ids=cat(ss),
+                                   kv_positions=cat(ps), method="parallel", **akw)
+      o, lse = ops.merge_attention([(o, lse), (o2, lse2)])
+      m = jnp.maximum(m, m2)
+    o = o.astype(v.dtype)
+    return (o, lse, m) if return_stats else o
 
   args = (q, k, v, segment_ids, q_positions, kv_positions)
   specs = (tok, tok, tok, tok2, tok2, tok2)
@@ -476,5 +492,6 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
       full[i] = x
     return body(*full)
 
-  fn = _shard_map(wrapped, mesh, tuple(specs[i] for i in present), tok)
+  out_specs = (tok, P(b, SEQ, h), P(b, SEQ, h)) if return_stats else tok
+  fn = _shard_map(wrapped, mesh, tuple(specs[i] for i in present), out_specs)
   return fn(*(args[i] for i in present))
