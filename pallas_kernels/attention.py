@@ -12,7 +12,6 @@ Pallas' interpreter on CPU (`interpret=True`) for tests. Sinks are not supported
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -46,11 +45,20 @@ def _pad(x, Tp, fill=0):
   return jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
 
 
-def flash_attention(q, k, v, *, segment_ids=None, window=None, scale=None, interpret=False,
-                    return_lse=False, platform=None):
-  """Causal self-attention. Returns (o [B, T, Hq, Dv] float32, lse [B, T, Hq] or None)."""
-  platform = platform or ("tpu" if interpret == "tpu" else _platform())
-  why = unsupported(q, window=window, platform="tpu" if platform == "cpu" else platform)
+def flash_attention(q, k, v, *, segment_ids=None, window=None, scale=None, platform=None,
+                    interpret=False, return_lse=False):
+  """Causal self-attention. Returns (o [B, T, Hq, Dv] float32, lse [B, T, Hq] or None).
+
+  platform: "gpu" (the Triton kernel) or "tpu" (splash); default: the current backend's
+  ("tpu" in the interpreter on a CPU). interpret=True runs the kernel in Pallas'
+  interpreter. (`linjax.ops.attention` picks the kernel per lowering platform with
+  `jax.lax.platform_dependent`, so an export for another platform gets that platform's.)
+  """
+  if platform is None:
+    platform = _platform()
+    if platform == "cpu":
+      platform, interpret = "tpu", True
+  why = unsupported(q, window=window, platform=platform)
   if why:
     raise ValueError(f"pallas_kernels.attention: {why}")
   B, T, Hq, D = q.shape
@@ -83,8 +91,9 @@ def _gpu(q, k, v, seg, scale, interpret, rep, return_lse):
   return o, jnp.swapaxes(lse2, 1, 2) * math.log(2.0)  # [B, H, T] -> [B, T, H], natural log
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(T, rep, window, interpret, residuals):
+  # built per call (not cached): the kernel holds its mask info as arrays, and one made
+  # inside a trace must not outlive it
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   one = (sm.CausalMask((T, T)) if window is None

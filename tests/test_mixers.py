@@ -200,3 +200,103 @@ def test_gradients_match_finite_differences(name, kw, method):
   shift = lambda s: (jax.tree.map(lambda a, d: a + s * d, params, dp), x + s * dx)
   fd = (float(f(*shift(eps))) - float(f(*shift(-eps)))) / (2 * eps)
   assert abs(auto - fd) <= 1e-2 * max(abs(fd), 0.1), (name, method, auto, fd)
+
+
+def _scan_lengths(jaxpr):
+  """Lengths of every lax.scan in a (closed) jaxpr, nested ones included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      out.append(eqn.params["length"])
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          out += _scan_lengths(sub.jaxpr)
+        elif hasattr(sub, "eqns"):
+          out += _scan_lengths(sub)
+  return out
+
+
+PREFILL = [pytest.param(*m, id=i) for m, i in zip(MIXERS, IDS)] + [
+    pytest.param("softmax", {}, 1e-4, id="softmax"),
+    pytest.param("sliding_window", dict(window=8, num_sinks=2), 1e-4, id="sliding_window"),
+    pytest.param("lolcats", dict(window=8, num_sinks=2), 1e-4, id="lolcats-sinks"),
+    pytest.param("liger", dict(window=8, num_sinks=2), 1e-4, id="liger-sinks")]
+
+
+@pytest.mark.parametrize("name,kw,tol", PREFILL)
+def test_chunked_prefill_then_decode_equals_token_by_token(name, kw, tol):
+  """Two prompts of different lengths, left-padded into one batch: a prefill in two chunks
+  (the first with the padding) then decode steps give, for each row, the outputs of feeding
+  that row's tokens one at a time; and a prefill runs the chunk forms, never a per-token scan."""
+  m = make_mixer(name, kw, method="chunk")
+  lens, extra, steps = (23, 14), 9, 4
+  L = max(lens)
+  x_all = jax.random.normal(jax.random.PRNGKey(11), (2, L + extra + steps, 48))
+  # row b: its lens[b] prompt tokens end at column L (left padding before them)
+  pos = np.zeros((2, L), np.int32)
+  seg = np.zeros((2, L), np.int32)
+  for b, n in enumerate(lens):
+    pos[b, L - n:] = np.arange(n)
+    seg[b, L - n:] = 1
+  cache = m.init_cache(2, 64)
+  y1, cache = run(m, x_all[:, :L], jnp.asarray(pos), jnp.asarray(seg), cache)
+  pos2 = jnp.asarray(np.stack([np.arange(n, n + extra) for n in lens]).astype(np.int32))
+  y2, cache = run(m, x_all[:, L:L + extra], pos2, None, cache)
+  ys = [y2]
+  for t in range(steps):
+    p = pos2[:, -1:] + 1 + t
+    y, cache = run(m, x_all[:, L + extra + t:L + extra + t + 1], p, None, cache)
+    ys.append(y)
+  got = jnp.concatenate(ys, 1)
+  for b, n in enumerate(lens):
+    c = m.init_cache(1, 64)
+    ref = []
+    xs = jnp.concatenate([x_all[b:b + 1, L - n:L], x_all[b:b + 1, L:]], 1)
+    for t in range(xs.shape[1]):
+      y, c = run(m, xs[:, t:t + 1], jnp.full((1, 1), t, jnp.int32), None, c)
+      ref.append(y)
+    ref = jnp.concatenate(ref, 1)
+    assert_rel(ref[:, :n], y1[b:b + 1, L - n:], tol, f"{name} row {b} prefill chunk 1")
+    assert_rel(ref[:, n:], got[b:b + 1], tol, f"{name} row {b} prefill chunk 2 + decode")
+  # the prefill is one pass of the chunk forms: no scan runs over its tokens one by one
+  jaxpr = jax.make_jaxpr(lambda x, p, s, c: m(x, positions=p, segment_ids=s, cache=c))(
+      x_all[:, :L], jnp.asarray(pos), jnp.asarray(seg), m.init_cache(2, 64))
+  assert all(n < L for n in _scan_lengths(jaxpr.jaxpr)), _scan_lengths(jaxpr.jaxpr)
+
+
+PALLAS_FAST = {"linear-feature_map=hedgehog", "gla-", "gated_deltanet-",
+               "lolcats-window=8-variant=sw", "liger-window=8"}
+PALLAS = [pytest.param(*m[:2], id=i, marks=() if i in PALLAS_FAST else pytest.mark.slow)
+          for m, i in zip(MIXERS, IDS)]
+
+
+@pytest.mark.parametrize("name,kw", PALLAS)
+def test_pallas_method_matches_chunk_in_a_llama(name, kw):
+  """A tiny Llama with the mixer in layer 0: method="pallas" (the Pallas kernels, interpret
+  mode on CPU) gives the logits and every parameter gradient of method="chunk", on packed
+  rows (two documents, positions restarting) and a plain row."""
+  from linjax.linearize import set_method
+  cfg = tiny_config(mixers=(name, "softmax"), mixer_kwargs=[kw, {}])
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  perturb(model)
+  B, T = 2, 32
+  toks = jax.random.randint(jax.random.PRNGKey(3), (B, T), 0, 97)
+  seg = jnp.asarray(np.stack([np.r_[np.ones(13), 2 * np.ones(19)], np.ones(32)]).astype(np.int32))
+  pos = jnp.asarray(np.stack([np.r_[np.arange(13), np.arange(19)], np.arange(32)]).astype(np.int32))
+
+  def loss_and_grads(method):
+    m = set_method(nnx.clone(model), method)
+    gdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def f(p):
+      logits, _ = nnx.merge(gdef, p, rest)(toks, positions=pos, segment_ids=seg)
+      return (logits * jnp.sin(jnp.arange(97.0))).sum(), logits
+    (_, logits), g = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    return logits, g
+
+  lc, gc = loss_and_grads("chunk")
+  lp, gp = loss_and_grads("pallas")
+  assert_rel(lc, lp, 1e-5, f"{name} logits pallas vs chunk")
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gc)[0], jax.tree.leaves(gp)):
+    assert_rel(a, b, 1e-4, f"{name} grad {jax.tree_util.keystr(path)}")

@@ -10,7 +10,7 @@ import pytest
 
 from linjax import ops
 from linjax.ops import reference
-from linjax.ops.softmax import resolve_attention_method
+from linjax.ops.softmax import method_for_platform
 from tests.helpers import assert_rel, rel_err
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -126,22 +126,24 @@ def test_window_shorter_than_one_token_and_errors():
     ops.attention(q, k, v, method="cudnn")       # fp32 is not a cuDNN dtype
 
 
-def test_auto_resolution_by_platform(monkeypatch):
+def test_auto_resolution_by_platform():
   bf = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
   kw = dict(q=bf, T=256, S=256, window=None, num_sinks=0, segment_ids=None,
             explicit_positions=False, mask=None, causal=True, kv_segment_ids=None)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert resolve_attention_method("auto", **kw) == "cudnn"
-  assert resolve_attention_method("auto", **dict(kw, segment_ids=1)) == "pallas"
-  assert resolve_attention_method("auto", **dict(kw, segment_ids=1, window=64)) == "chunk"
-  assert resolve_attention_method("auto", **dict(kw, num_sinks=4, window=64)) == "chunk"
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert resolve_attention_method("auto", **dict(kw, segment_ids=1, window=64)) == "pallas"
-  assert resolve_attention_method("auto", **dict(kw, num_sinks=4, window=64)) == "chunk"
-  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert resolve_attention_method("auto", **dict(kw, T=64, S=64)) == "parallel"
-  assert resolve_attention_method("auto", **dict(kw, T=4096, S=4096)) == "chunk"
-  assert resolve_attention_method("auto", **dict(kw, S=512)) == "parallel"   # cross / decode
+  pick = lambda platform, **over: method_for_platform(platform, "auto", **dict(kw, **over))
+  assert pick("gpu") == "cudnn"
+  assert pick("gpu", segment_ids=1) == "pallas"
+  assert pick("gpu", segment_ids=1, window=64) == "chunk"
+  assert pick("gpu", num_sinks=4, window=64) == "chunk"
+  assert pick("gpu", return_stats=True) == "chunk"          # stats: the jnp forms
+  assert pick("tpu", segment_ids=1, window=64) == "pallas"
+  assert pick("tpu", num_sinks=4, window=64) == "chunk"
+  assert pick("cpu", T=64, S=64) == "parallel"
+  assert pick("cpu", T=4096, S=4096) == "chunk"
+  assert pick("cpu", window=64) == "chunk"
+  assert pick("cpu", S=512) == "parallel"                    # cross attention / decode
+  assert method_for_platform("cpu", "cudnn", **kw) == "chunk"
+  assert method_for_platform("gpu", "pallas", **dict(kw, window=64)) == "chunk"
 
 
 @pytest.mark.parametrize("platform,kw", [("gpu", {}), ("tpu", {}), ("tpu", dict(window=33))])

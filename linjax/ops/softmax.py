@@ -13,10 +13,12 @@ Methods (`method=`, one of ATTENTION_METHODS):
   pallas    Pallas flash kernels from `jax.experimental.pallas.ops` (`pallas_kernels.attention`):
             splash attention on TPU (causal / local masks, packed rows, GQA), the Triton flash
             kernel on GPU (full causal, packed rows); no sinks.
-  auto      GPU: cudnn where it applies, else pallas (full causal), else chunk; TPU: pallas
-            (no sinks) else chunk; CPU: parallel up to PARALLEL_MAX_T tokens, chunk beyond
-            (measured: benchmarks/results/attention_cpu.md). Calls that only the parallel
-            form supports (S != T, an extra `mask`, separate kv segment ids) take it.
+  auto      by the platform being compiled for (`jax.lax.platform_dependent`, so an export
+            for another platform gets that platform's path): GPU cudnn where it applies, else
+            pallas (full causal), else chunk; TPU pallas (no sinks) else chunk; CPU parallel
+            for full attention up to PARALLEL_MAX_T tokens, chunk for windows and beyond.
+            Calls that only the parallel form supports (S != T, an extra `mask`, separate kv
+            segment ids) take it; stats and block windows take the jnp forms.
 
 `return_stats=True` returns (o, lse, m): the log-sum-exp and the max of each query's visible
 logits ([B, T, Hq] float32; m is None from cudnn / pallas), what `merge_attention` needs to
@@ -108,8 +110,18 @@ def _cudnn(q, k, v, window, scale, return_stats):
   return o.astype(jnp.float32), lse.astype(jnp.float32), None
 
 
-def resolve_attention_method(method, *, q, T, S, window, num_sinks, segment_ids,
-                             explicit_positions, mask, causal, kv_segment_ids):
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def method_for_platform(platform, method, *, q, T, S, window, num_sinks, segment_ids,
+                        explicit_positions, mask, causal, kv_segment_ids, return_stats=False,
+                        window_kind="sliding"):
+  """The attention method a call runs on `platform` ("cpu" | "gpu" | "tpu"), static.
+
+  "auto" picks the platform's fast path where it applies (see the module docstring);
+  explicit methods are checked (a ValueError names what they need). "cudnn" on a non-GPU
+  platform and "pallas" where no Pallas kernel covers the call (GPU windows) run "chunk"
+  there, so one program can be exported for every platform."""
   if method not in ATTENTION_METHODS:
     raise ValueError(f"attention `method` must be one of {ATTENTION_METHODS}, got {method!r}")
   self_attn = S == T and mask is None and kv_segment_ids is None and causal
@@ -121,33 +133,59 @@ def resolve_attention_method(method, *, q, T, S, window, num_sinks, segment_ids,
                        f"as queries, no extra `mask`, no separate `kv_segment_ids`); got T={T}, "
                        f"S={S}: use method='parallel'")
     return "parallel"
-  if method == "cudnn" and not _cudnn_ok(q, T, S, num_sinks, segment_ids, explicit_positions,
-                                         mask, causal):
-    raise ValueError("attention method 'cudnn' needs bf16 / fp16 inputs, head dim <= 128, no "
-                     "sinks, no segment_ids and default positions; use 'chunk' or 'auto'")
+  fast_ok = window_kind == "sliding" and not return_stats
+  cudnn_ok = fast_ok and _cudnn_ok(q, T, S, num_sinks, segment_ids, explicit_positions, mask,
+                                   causal)
+  from pallas_kernels import attention as pk
+  pallas_ok = fast_ok and not pk.unsupported(q, window=window, num_sinks=num_sinks,
+                                             platform="tpu" if platform == "cpu" else platform)
+  if method == "cudnn":
+    if not (fast_ok and _cudnn_ok(q, T, S, num_sinks, segment_ids, explicit_positions, mask,
+                                  causal)):
+      raise ValueError("attention method 'cudnn' needs bf16 / fp16 inputs, head dim <= 128, no "
+                       "sinks, no segment_ids, default positions and no stats; use 'chunk' or "
+                       "'auto'")
+    return "cudnn" if platform == "gpu" else "chunk"
   if method == "pallas":
-    from pallas_kernels import attention as pk
-    why = pk.unsupported(q, window=window, num_sinks=num_sinks, explicit_positions=explicit_positions)
+    why = (None if fast_ok else "no stats / block windows in the flash kernels") or \
+        pk.unsupported(q, window=window, num_sinks=num_sinks, platform="tpu")
     if why:
       raise ValueError(f"attention method 'pallas': {why}; use 'chunk' or 'auto'")
-  if method != "auto":
+    return "pallas" if pallas_ok else "chunk"
+  if method == "chunk":
     return method
-  backend = jax.default_backend()
-  if backend in ("gpu", "cuda", "rocm"):
-    if _cudnn_ok(q, T, S, num_sinks, segment_ids, explicit_positions, mask, causal):
-      return "cudnn"
-    from pallas_kernels import attention as pk
-    if not pk.unsupported(q, window=window, num_sinks=num_sinks,
-                          explicit_positions=explicit_positions, platform="gpu"):
-      return "pallas"
-    return "chunk"
-  if backend == "tpu":
-    from pallas_kernels import attention as pk
-    if not pk.unsupported(q, window=window, num_sinks=num_sinks,
-                          explicit_positions=explicit_positions, platform="tpu"):
-      return "pallas"
-    return "chunk"
-  return "parallel" if T <= PARALLEL_MAX_T else "chunk"
+  if platform == "gpu":
+    return "cudnn" if cudnn_ok else "pallas" if pallas_ok else "chunk"
+  if platform == "tpu":
+    return "pallas" if pallas_ok else "chunk"
+  return "parallel" if T <= PARALLEL_MAX_T and window is None else "chunk"
+
+
+def _run(method, platform, q, k, v, q_positions, kv_positions, segment_ids, kv_segment_ids,
+         mask, *, causal, window, num_sinks, scale, block_size, return_stats, window_kind):
+  """One method on one platform -> (o f32, lse or None, m or None)."""
+  B, T = q.shape[:2]
+  if method == "parallel":
+    if segment_ids is not None and kv_segment_ids is None:
+      kv_segment_ids = segment_ids
+    vis = attention_mask(q_positions, kv_positions, causal=causal, window=window,
+                         num_sinks=num_sinks, q_segment_ids=segment_ids,
+                         kv_segment_ids=kv_segment_ids, window_kind=window_kind)
+    if mask is not None:
+      vis &= mask
+    return _parallel(q, k, v, vis, scale)
+  if method == "chunk":
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
+    return blocked_attention(q, k, v, positions=q_positions, segment_ids=seg, window=window,
+                             num_sinks=num_sinks, scale=scale, block_size=block_size,
+                             window_kind=window_kind)
+  if method == "cudnn":
+    return _cudnn(q, k, v, window, scale, return_stats)
+  from pallas_kernels import attention as pk
+  o, lse = pk.flash_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
+                              platform="tpu" if platform == "cpu" else platform,
+                              interpret=platform == "cpu", return_lse=return_stats)
+  return o, lse, None
 
 
 def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=None,
@@ -193,38 +231,42 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
                      f"not {method!r}")
   if segment_ids is not None and kv_segment_ids is None and S != T:
     raise ValueError("segment_ids without kv_segment_ids needs as many keys as queries")
-  method = resolve_attention_method(
-      method, q=q, T=T, S=S, window=window, num_sinks=num_sinks, segment_ids=segment_ids,
-      explicit_positions=explicit or window_kind != "sliding", mask=mask, causal=causal,
-      kv_segment_ids=kv_segment_ids)
+  geom = dict(q=q, T=T, S=S, window=window, num_sinks=num_sinks, segment_ids=segment_ids,
+              explicit_positions=explicit or window_kind != "sliding", mask=mask,
+              causal=causal, kv_segment_ids=kv_segment_ids, return_stats=return_stats,
+              window_kind=window_kind)
+  per = {p: method_for_platform(p, method, **geom) for p in PLATFORMS}
   if q_positions is None:
     q_positions = jnp.broadcast_to(jnp.arange(T) + (S - T), (B, T))
   if kv_positions is None:
     kv_positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-  if method == "parallel":
-    if segment_ids is not None and kv_segment_ids is None:
-      kv_segment_ids = segment_ids
-    vis = attention_mask(q_positions, kv_positions, causal=causal, window=window,
-                         num_sinks=num_sinks, q_segment_ids=segment_ids,
-                         kv_segment_ids=kv_segment_ids, window_kind=window_kind)
-    if mask is not None:
-      vis &= mask
-    o, lse, m = _parallel(q, k, v, vis, scale)
-  elif method == "chunk":
-    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
-    o, lse, m = blocked_attention(q, k, v, positions=q_positions, segment_ids=seg,
-                                  window=window, num_sinks=num_sinks, scale=scale,
-                                  block_size=block_size, window_kind=window_kind)
-  elif method == "cudnn":
-    o, lse, m = _cudnn(q, k, v, window, scale, return_stats)
-  else:
-    from pallas_kernels import attention as pk
-    o, lse = pk.flash_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
-                                interpret=jax.default_backend() == "cpu",
-                                return_lse=return_stats)
-    m = None
-  o = o.astype(v.dtype)
-  return (o, lse, m) if return_stats else o
+  kw = dict(causal=causal, window=window, num_sinks=num_sinks, scale=scale,
+            block_size=block_size, return_stats=return_stats, window_kind=window_kind)
+  args = (q, k, v, q_positions, kv_positions, segment_ids, kv_segment_ids, mask)
+  with_m = all(m in ("parallel", "chunk") for m in per.values())
+
+  def branch(platform):
+    def f(*a):
+      o, lse, m = _run(per[platform], platform, *a, **kw)
+      if not return_stats:
+        return o
+      return (o, lse, m) if with_m else (o, lse)
+    return f
+
+  if len(set(per.values())) == 1:
+    out = branch(_current_platform())(*args)
+  else:   # pick the method by the platform being compiled for (jax.export across platforms)
+    out = jax.lax.platform_dependent(*args, cpu=branch("cpu"), cuda=branch("gpu"),
+                                     rocm=branch("gpu"), tpu=branch("tpu"))
+  if not return_stats:
+    return out.astype(v.dtype)
+  o, lse = out[0], out[1]
+  return o.astype(v.dtype), lse, (out[2] if with_m else None)
+
+
+def _current_platform():
+  b = jax.default_backend()
+  return "tpu" if b == "tpu" else "gpu" if b in ("gpu", "cuda", "rocm") else "cpu"
 
 
 def merge_attention(parts):
