@@ -3,7 +3,9 @@
 Interpret mode is Pallas' TPU interpreter with uninitialised memory filled with NaN and
 out-of-bounds reads raising (`pltpu.InterpretParams`), so a kernel that reads what it never
 wrote fails here. Both kernel structures are run: "gpu" (Triton-style, sequential loop inside
-the kernel) and "tpu" (Mosaic-style, "arbitrary" grid axis with a VMEM scratch state).
+the kernel) and "tpu" (Mosaic-style, "arbitrary" grid axis with a VMEM scratch state, G
+chunks per grid step). With the default shape rule small tests run the GPU structure's
+two-pass forward and the TPU structure's fused one; `form=` tests the other two.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from linjax.ops import reference as R
+from pallas_kernels import tiling
 from pallas_kernels.delta import delta_rule_chunk_impl
 from pallas_kernels.gla import gla_chunk_impl
 import pallas_kernels
@@ -85,39 +88,42 @@ def _compare(kernel_fn, ref_fn, args, tol, gtol, seed=0, dg_tol=None):
   return e
 
 
-def _gla_fns(C, backend, cu_seqlens=None, interpret=FAST):
+def _gla_fns(C, backend, cu_seqlens=None, interpret=FAST, form="auto", segment_ids=None):
   def ker(q, k, v, g, h0):
     return gla_chunk_impl(q, k, v, g, scale=None, initial_state=h0, output_final_state=True,
                           cu_seqlens=cu_seqlens, chunk_size=C, interpret=interpret,
-                          backend=backend)
+                          backend=backend, form=form, segment_ids=segment_ids)
 
   def ref(q, k, v, g, h0):
-    return R.gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    return R.gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
+                 segment_ids=segment_ids)
   return ker, ref
 
 
-def _delta_fns(C, backend, cu_seqlens=None, interpret=FAST):
+def _delta_fns(C, backend, cu_seqlens=None, interpret=FAST, form="auto", segment_ids=None):
   def ker(q, k, v, g, h0, beta):
     return delta_rule_chunk_impl(q, k, v, beta, g, scale=None, initial_state=h0,
                                  output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=C,
-                                 interpret=interpret, backend=backend)
+                                 interpret=interpret, backend=backend, form=form,
+                                 segment_ids=segment_ids)
 
   def ref(q, k, v, g, h0, beta):
     return R.delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True,
-                        cu_seqlens=cu_seqlens)
+                        cu_seqlens=cu_seqlens, segment_ids=segment_ids)
   return ker, ref
 
 
 # ------------------------------------------------------------------------------ GLA family
 
-@pytest.mark.parametrize("kind", ["none", "scalar", "channel"])
+@pytest.mark.parametrize("kind", ["none", pytest.param("scalar", marks=pytest.mark.slow),
+                                  "channel"])
 def test_gla_fp32_odd_length_headdim60(kind):
   # V = 100 -> 128 padded: fp32 on the GPU structure runs the parallel kernels in 2 V tiles.
   args = _inputs(0, 2, 75, 2, 60, 100, jnp.float32, kind)
   _compare(*_gla_fns(16, "gpu"), args, F32_TOL, F32_TOL)
 
 
-@pytest.mark.parametrize("kind", ["scalar", "channel"])
+@pytest.mark.parametrize("kind", [pytest.param("scalar", marks=pytest.mark.slow), "channel"])
 def test_gla_tpu_structure_nan_check(kind):
   args = _inputs(1, 1, 50, 2, 60, 48, jnp.float32, kind)
   _compare(*_gla_fns(16, "tpu", interpret=NAN_CHECK), args, F32_TOL, F32_TOL)
@@ -134,6 +140,7 @@ def test_gla_strong_gates(kind):
   _compare(*_gla_fns(16, "gpu"), args, F32_TOL, F32_TOL, dg_tol=STRONG_DG_TOL)
 
 
+@pytest.mark.slow   # the default run has varlen through ops (test_ops_*::test_varlen_tail_traced)
 def test_gla_varlen_with_empty_sequence():
   cu = np.array([0, 20, 20, 57, 70], np.int32)
   args = _inputs(4, 1, 70, 2, 32, 16, jnp.float32, "channel", n_states=4)
@@ -170,13 +177,14 @@ def test_public_entry_points_default_interpret_and_no_state():
 
 # ------------------------------------------------------------------------------ delta rule
 
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("gated", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_delta_fp32_odd_length_headdim60(gated):
   args = _inputs(7, 2, 45, 2, 60, 32, jnp.float32, "scalar" if gated else "none", beta=True,
                  normalize_k=True)
   _compare(*_delta_fns(16, "gpu"), args, F32_TOL, F32_TOL)
 
 
+@pytest.mark.slow  # default: delta on the TPU structure in test_segment_ids, test_forward_forms
 def test_delta_bf16_tpu_structure():
   args = _inputs(8, 1, 40, 2, 128, 64, jnp.bfloat16, "scalar", beta=True, normalize_k=True)
   _compare(*_delta_fns(16, "tpu", interpret=NAN_CHECK), args, BF16_TOL, BF16_TOL)
@@ -222,6 +230,118 @@ def test_segment_ids(op, kind, backend):
                  normalize_k=op == "delta")
   interpret = NAN_CHECK if backend == "tpu" else FAST
   _compare(*_segment_fns(op, backend, seg, interpret), args, F32_TOL, F32_TOL)
+
+
+# ---------------------------------------------------------------- forms, tiles, grid steps
+
+@pytest.mark.parametrize("op,kind,backend,form", [
+    ("gla", "channel", "gpu", "fused"), ("delta", "scalar", "tpu", "two_pass"),
+    pytest.param("gla", "scalar", "tpu", "two_pass", marks=pytest.mark.slow),
+    pytest.param("delta", "none", "gpu", "fused", marks=pytest.mark.slow)])
+def test_forward_forms(op, kind, backend, form):
+  """The two forward forms the small default tests do not pick (GPU fused, TPU two-pass)."""
+  delta = op == "delta"
+  args = _inputs(13, 2, 50, 2, 32, 32, jnp.float32, kind, beta=delta, normalize_k=delta)
+  fns = (_delta_fns if delta else _gla_fns)(16, backend, form=form)
+  _compare(*fns, args, F32_TOL, F32_TOL)
+
+
+def test_forms_agree_in_bf16():
+  """Fused and two-pass forward of one bf16 call: the same math, close in value (the two-pass
+  form rounds the chunk states to bf16 between its passes)."""
+  a = _inputs(14, 1, 70, 2, 32, 32, jnp.bfloat16, "scalar")
+  run = lambda form: gla_chunk_impl(a["q"], a["k"], a["v"], a["g"], scale=None,
+                                    initial_state=a["h0"], output_final_state=True,
+                                    cu_seqlens=None, chunk_size=16, interpret=FAST,
+                                    backend="gpu", form=form)
+  (o1, s1), (o2, s2) = run("fused"), run("two_pass")
+  ref = R.gla(*(a[n].astype(jnp.float32) for n in "qkv"), a["g"], initial_state=a["h0"])[0]
+  assert rel_err(ref, o1) < 5e-3 and rel_err(ref, o2) < 5e-3
+  assert rel_err(s1, s2) < 1e-6                     # the state pass is fp32 in both
+
+
+def test_tpu_several_chunks_per_step():
+  """G = 4 chunks per TPU grid step (a loop inside the step, the state carried in VMEM
+  across steps), packed rows, T padded to a multiple of G chunks (100 -> 8 chunks of 16):
+  values and every gradient, NaN-filled uninitialised memory."""
+  from tests.ops_util import packed_segment_ids
+  seg = packed_segment_ids(2, 100)
+  args = _inputs(15, 2, 100, 1, 32, 16, jnp.float32, "channel")
+  with tiling.override(G=4):
+    _compare(*_gla_fns(16, "tpu", interpret=NAN_CHECK, segment_ids=seg), args, F32_TOL,
+             F32_TOL)
+
+
+def test_tpu_varlen_several_chunks_per_step():
+  """Varlen on the TPU structure (the chunk flags in SMEM, all N states of a head in VMEM)
+  with G = 2 chunks per step, an empty sequence, a sequence starting mid-step."""
+  cu = np.array([0, 0, 21, 40, 50], np.int32)
+  args = _inputs(16, 1, 50, 1, 32, 16, jnp.float32, "scalar", n_states=4)
+  with tiling.override(G=2):
+    _compare(*_gla_fns(16, "tpu", cu_seqlens=cu, interpret=NAN_CHECK), args, F32_TOL,
+             F32_TOL)
+
+
+def test_gpu_k_and_v_tiles():
+  """The GPU state passes in 2 x 2 (K, V) tiles, the output and grads kernels in 2 V tiles."""
+  T16 = tiling.Tiles(BK=16, BV=16)
+  tiles = {(n, "float32"): T16 for n in ("state", "output", "grads")}
+  args = _inputs(17, 1, 40, 2, 32, 32, jnp.float32, "scalar")
+  with tiling.override(tiles=tiles, fused=False):
+    _compare(*_gla_fns(16, "gpu"), args, F32_TOL, F32_TOL)
+
+
+def test_tiling_rules():
+  """The shape rules of tiling.py, by hand: the GPU state pass fills 128 programs at B=2,
+  H=16, D=128 (2 x 2 tiles of 64: 128 programs, not the 64 of V tiles alone), the fused
+  forward is picked there and not for a single head, and a TPU kernel at T = 32k takes 16
+  chunks per grid step (2 * 16 * 512 / 16 = 1024 steps)."""
+  t = tiling.seq_tiles("state", "gpu", jnp.bfloat16, 2, 16, 128, 128)
+  assert (t.BK, t.BV) == (64, 64) and 2 * 16 * (128 // t.BK) * (128 // t.BV) == 128
+  t = tiling.seq_tiles("delta_state", "gpu", jnp.bfloat16, 2, 16, 128, 128)
+  assert (t.BK, t.BV) == (128, 32)
+  assert tiling.use_fused("gpu", 2, 16, 128, 512, jnp.bfloat16)
+  assert not tiling.use_fused("gpu", 1, 1, 128, 512, jnp.bfloat16)
+  assert tiling.use_fused("tpu", 1, 1, 128, 512, jnp.bfloat16)
+  assert tiling.chunks_per_step("tpu", 2, 16, 32768 // 64) == 16
+  assert tiling.chunks_per_step("tpu", 1, 1, 3) == 1 and tiling.chunks_per_step("gpu", 2, 16, 512) == 1
+
+
+# ------------------------------------------------------------------ bf16 accuracy (fla's tols)
+
+def _accuracy():
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "accuracy.py")
+  spec = importlib.util.spec_from_file_location("linjax_bench_accuracy", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("kernel,strength", [
+    ("linear", "weak"), ("simple_gla", "strong"), ("gla", "strong"), ("delta", "weak"),
+    ("gated_delta", "strong")])
+def test_bf16_accuracy_small(kernel, strength):
+  """bf16 inputs, every output and gradient of the kernel within fla's tolerances of the fp32
+  reference (o, dq, dk, dv, dh0 5e-3; dg, dbeta 1e-2), and the jnp chunk method on the same
+  inputs as the comparison row (benchmarks/accuracy.py at a small shape)."""
+  acc = _accuracy()
+  res = acc.errors(kernel, 48, 32, strength, C=16)
+  assert not acc.within(res["pallas"]), res
+  assert not acc.within(res["chunk"]), res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("kernel,strength", [
+    ("linear", "weak"), ("simple_gla", "weak"), ("simple_gla", "strong"), ("gla", "weak"),
+    ("gla", "strong"), ("delta", "weak"), ("gated_delta", "weak"), ("gated_delta", "strong")])
+def test_bf16_accuracy_T4096(kernel, strength, K):
+  acc = _accuracy()
+  res = acc.errors(kernel, 4096, K, strength)
+  assert not acc.within(res["pallas"]), res
 
 
 # ------------------------------------------------------------------------------ slow matrix
