@@ -5,12 +5,17 @@ attention vs flash-linear-attention (fla, torch/Triton), in one process.
   python benchmarks/kernels.py --ts 2048,16384 --ops simple_gla,gla --md out.md
 
 Prints one row per (op, T, pass): median ms of each implementation, the ratio linjax/fla
-(< 1 means linjax is faster), and for linjax the achieved TFLOP/s and GB/s under a simple
-model of the chunk algorithm (C = 64):
-  FLOP (fwd)   = B H T (4 K V + 2 C (K + V))     (state update + inter-chunk output + intra-chunk)
-  bytes (fwd)  = q, k, v, o, gate, plus the chunk states written and read once
-  fwd+bwd      = 3x the forward FLOP and bytes (a model, not a count)
+(< 1 means linjax is faster), and for linjax the achieved TFLOP/s and GB/s under the model of
+`model_cost` (chunk C = 64, per head and token; D = K = V):
+  FLOP fwd      4 K V + 2 C (K + V)   (state update, inter-chunk output, intra-chunk scores
+                and their product); delta rule + 2 K V (w h) + 2 C (2 K + V) (the WY form)
+  bytes fwd     fused: q, k, v read, o written, the gate (bf16 tensors, fp32 gate);
+                two-pass: + the chunk states written and read (bf16, 2 K V / C per token);
+                delta rule: + w, u written and read (fp32)
+  fwd+bwd       3x the forward FLOP; bytes: the forward plus the backward's recomputed fp32
+                chunk states and their gradients (written, read) and q, k, v, do, dq, dk, dv
 Attention rows use 2 B H T^2 D (causal fwd) and 3.5x that for fwd+bwd.
+`benchmarks/gpu_run.py` is the one-call device run (correctness, targets, this table).
 """
 from __future__ import annotations
 
@@ -62,13 +67,15 @@ def make_inputs(op, B, T, H, D, seed=0):
   return q, k, v, g, beta
 
 
-def linjax_fns(op, impl, C=64):
-  """(fwd, fwd+bwd) closures over q, k, v, g, beta for the Pallas kernels or the jnp chunk."""
+def linjax_fns(op, impl, C=64, form="auto", interpret=False):
+  """(fwd, fwd+bwd) closures over q, k, v, g, beta for the Pallas kernels (form: "auto",
+  "fused", "two_pass") or the jnp chunk."""
   if impl == "pallas":
+    kw = dict(chunk_size=C, form=form, interpret=interpret)
     if op == "delta_rule":
-      call = lambda q, k, v, g, beta: pk.delta_rule_chunk(q, k, v, beta, None, chunk_size=C)[0]
+      call = lambda q, k, v, g, beta: pk.delta_rule_chunk(q, k, v, beta, None, **kw)[0]
     else:
-      call = lambda q, k, v, g, beta: pk.gla_chunk(q, k, v, g, chunk_size=C)[0]
+      call = lambda q, k, v, g, beta: pk.gla_chunk(q, k, v, g, **kw)[0]
   else:
     import linjax.ops as lops  # may not exist yet
     if op == "delta_rule":
@@ -120,10 +127,21 @@ def to_torch(torch, x, grad):
   return t.requires_grad_(grad)
 
 
-def model_cost(op, B, T, H, D, C=64):
-  fl = B * H * T * (4 * D * D + 2 * C * 2 * D)  # C: chunk size
+def model_cost(op, B, T, H, D, C=64, form="two_pass", bwd=False):
+  """(FLOP, bytes) of one call under the model in the module docstring."""
+  tok = B * T * H
+  fl = tok * (4 * D * D + 2 * C * 2 * D)
   gate = {"linear": 0, "simple_gla": 4, "gla": 4 * D, "delta_rule": 4}[op]
-  by = B * T * H * (4 * D * 2 + gate) + 2 * B * H * (T // C) * D * D * 2
+  states = 2 * B * H * (T // C) * D * D          # chunk states, elements, written + read
+  by = tok * (4 * D * 2 + gate)
+  if op == "delta_rule":
+    fl += tok * (2 * D * D + 2 * C * 3 * D)
+    by += tok * 2 * D * 4 * 2                     # w, u (fp32) written and read
+  if form == "two_pass":
+    by += states * 2
+  if bwd:
+    fl *= 3
+    by += states * 4 * 2 + tok * 7 * D * 2 + tok * gate   # fp32 h and dh, q k v do dq dk dv
   return fl, by
 
 
@@ -176,8 +194,8 @@ def main():
     for T in ts:
       for op_name in ops:
         op, C = parse(op_name)
-        fl, by = model_cost(op, B, T, H, D, C)
-        for p, mult in [("fwd", 1), ("fwd+bwd", 3)]:
+        for p, mult in [("fwd", 1), ("fwd+bwd", 1)]:
+          fl, by = model_cost(op, B, T, H, D, C, "auto", p == "fwd+bwd")
           pl_ms, fla_ms = res.get(("pallas", op_name, T, p)), res.get(("fla", op, T, p))
           if C != 64:
             fla_ms = None

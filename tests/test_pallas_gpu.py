@@ -85,3 +85,26 @@ def test_varlen_on_device(op):
                  normalize_k=delta, n_states=4)
   fns = _delta(64, cu=cu) if delta else _gla(64, cu=cu)
   print(op, _compare(*fns, args, BF16_TOL, BF16_TOL))
+
+
+def test_gpu_run_dry_run(tmp_path):
+  """benchmarks/gpu_run.py --dry-run (CPU, interpret mode, tiny shapes) runs every section of
+  the prepared device script; every correctness case passes and no step errors, so the
+  script that a device call runs cannot rot."""
+  import importlib.util
+  import json
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "linjax_gpu_run", os.path.join(root, "benchmarks", "gpu_run.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  mod.main(["--dry-run", "--out", str(tmp_path)])
+  rows = [json.loads(l) for l in open(tmp_path / "gpu_run.jsonl")]
+  assert {r["section"] for r in rows} == {"env", "A", "B", "C", "D"}
+  bad = [(r["name"], r["status"]) for r in rows
+         if r.get("status", "ok") not in ("ok", "PASS") and not r["status"].startswith("not run")]
+  assert not bad, bad
+  assert sum(r["section"] == "A" for r in rows) == 3
+  md = open(tmp_path / "gpu_run.md").read()
+  assert "## A. Correctness" in md and "## C. Timing" in md and "copy bandwidth" in md
