@@ -19,7 +19,6 @@ Targets (fla's tolerances): o, dq, dk, dv (and dh0) <= 5e-3; dg, dbeta <= 1e-2.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import sys

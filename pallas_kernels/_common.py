@@ -15,12 +15,10 @@ Kp / Vp are the head dims padded with zero channels to what the backend's block 
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 f32 = jnp.float32
@@ -74,20 +72,11 @@ def to_kernel_layout(x, Tp, Dp):
   return x.reshape(B, Tp, H * Dp)
 
 
-def from_kernel_layout(x, T, H, D):
-  B, Tp, HD = x.shape
-  return x.reshape(B, Tp, H, HD // H)[:, :T, :, :D]
-
-
 def chunk_cumsum(g, C):
   """Chunk-local inclusive cumsum along axis 1 (T, a multiple of C), in fp32."""
   B, T = g.shape[:2]
   gc = g.astype(f32).reshape((B, T // C, C) + g.shape[2:])
   return jnp.cumsum(gc, axis=2).reshape(g.shape)
-
-
-def reverse_cumsum(x, axis=1):
-  return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis=axis), axis)
 
 
 # ----------------------------------------------------------------------------- varlen

@@ -27,7 +27,9 @@ Backward (custom_vjp; residuals are the inputs only):
         dh    <- exp(b_last) dh + scale (q exp(b))^T do - w^T dv_new
      writing dh per chunk (fp32: the gradient of the state leaving it) and dh0;
   4. gla's `grads` kernel with v_new for v: dq, dk through A and the state, du = dv_new,
-     dw = -dv_new h_c^T, and the gate's per-token local derivative (fp32);
+     dw = -dv_new h_c^T, and the gate's per-token local derivative (fp32); dv_new is
+     recomputed there (scale A^T do + k_dec dh, a parallel matmul) rather than written by
+     the reverse pass (an fp32 [T, V] round trip);
   5. `wy_bwd`: dT = dw X^T + du Y^T, dL = -T^T dT T^T (blocks), and from them dk, dv, dbeta
      and the gate's local derivative through w's exp(b) and L's decay;
   6. gate: the per-token local derivatives of 4 and 5 reverse-cumsummed inside each chunk

@@ -930,7 +930,7 @@ def prepare(q, k, v, extra, *, T, C, backend, cu_seqlens, segment_ids, initial_s
     Tin, NTa = lay["Tp"], lay["NT"]
   else:
     Tin, NTa = T, -(-max(T, 1) // C)
-  G = tiling.chunks_per_step(backend, B if lay is None else 1, H, NTa)
+  G = tiling.chunks_per_step(backend, B if lay is None else 1, H, NTa, C, Kp, Vp)
   NT = -(-NTa // G) * G
   Tp = NT * C
   geo = Geo(B=B, H=H, Kp=Kp, Vp=Vp, C=C, NT=NT, G=G)

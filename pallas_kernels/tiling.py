@@ -18,8 +18,11 @@ the fp32 [K, V] blocks stay within shared memory.
 
 TPU (Pallas Mosaic). Every kernel takes G chunks per grid step (a loop inside the step), G
 the smallest power of two that brings the grid to <= `TPU_MAX_STEPS` steps (at most 16
-chunks, and no more chunks than the sequence has); the time axis is padded to a multiple of
-G chunks. Blocks are whole head dims (multiples of 128).
+chunks, no more chunks than the sequence has, and at most what keeps the largest kernel's
+double-buffered blocks within `TPU_VMEM_BYTES`: the grads kernel's q, k, v, do, dq, dk, dv
+rows, its two fp32 [K, V] chunk states and its lane-padded gate columns; at D = 128, C = 64
+that is ~0.3 MB a chunk, so G = 16 fits; at D = 256, ~0.8 MB: G = 4); the time axis is padded to a
+multiple of G chunks. Blocks are whole head dims (multiples of 128).
 
 Form of the forward (`use_fused`): the fused kernel moves q, k, v and o once (state in
 registers / VMEM, chunk states never written); the two-pass form also writes and reads
@@ -43,6 +46,7 @@ import jax.numpy as jnp
 GPU_PROGRAMS = 128     # target number of programs of a sequential pass (H100: 132 SMs)
 TPU_MAX_STEPS = 1024   # target grid size of a TPU kernel
 TPU_MAX_G = 16         # at most this many chunks per TPU grid step
+TPU_VMEM_BYTES = 12 << 20   # budget for one kernel's double-buffered blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,15 +140,26 @@ def par_tiles(kernel, backend, dtype, Kp, Vp):
   return dataclasses.replace(e, BK=Kp, BV=BV)
 
 
-def chunks_per_step(backend, B, H, NT):
+def tpu_chunk_bytes(C, Kp, Vp):
+  """VMEM bytes one chunk of the grads kernel's blocks takes (the largest TPU kernel)."""
+  rows = C * (4 * Kp + 3 * Vp) * 2          # q, k, dq, dk and v, do, dv (bf16)
+  states = 2 * Kp * Vp * 4                  # h_c and dh_c (fp32)
+  cols = 2 * C * 128 * 4                    # gate column and dg, lane-padded (fp32)
+  return rows + states + cols
+
+
+def chunks_per_step(backend, B, H, NT, C=64, Kp=128, Vp=128):
   """G, chunks per grid step: 1 on GPU; on TPU the smallest power of two with
-  B * H * ceil(NT / G) <= TPU_MAX_STEPS (capped at TPU_MAX_G and at NT)."""
+  B * H * ceil(NT / G) <= TPU_MAX_STEPS, capped at TPU_MAX_G, at NT and by TPU_VMEM_BYTES
+  (two buffers of G chunks of `tpu_chunk_bytes`)."""
   if "G" in _OVERRIDE:
     return int(_OVERRIDE["G"])
   if backend != "tpu":
     return 1
+  cap = max(1, TPU_VMEM_BYTES // (2 * tpu_chunk_bytes(C, Kp, Vp)))
   G = 1
-  while G < TPU_MAX_G and G < NT and B * H * -(-NT // G) > TPU_MAX_STEPS:
+  while (G < min(TPU_MAX_G, cap) and G < NT and B * H * -(-NT // G) > TPU_MAX_STEPS
+         and 2 * G <= cap):
     G *= 2
   return G
 
@@ -155,5 +170,5 @@ def use_fused(backend, B, H, Vp, NT, dtype):
     return bool(_OVERRIDE["fused"])
   if backend == "tpu":
     return True
-  BV = seq_tiles("fused", backend, dtype, B, H, Vp, Vp).BV
+  BV = seq_tiles("fused", backend, dtype, B, H, Vp, Vp).BV   # (the fused pass takes all of K)
   return B * H * (Vp // BV) >= _OVERRIDE.get("gpu_programs", GPU_PROGRAMS) // 2

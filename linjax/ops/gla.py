@@ -22,6 +22,9 @@ at the token p just before the query sub-chunk (both factors <= 1), diagonal blo
 masked [16, 16, K] decay directly. Odd lengths are padded inside (k = v = g = 0 leaves the
 state unchanged) and never visible outside.
 
+Packed sequences (`cu_seqlens`, B = 1): see `linjax.ops.varlen` (a chunk-aligned layout for
+the chunk methods and the kernels, T + N C tokens whether or not the offsets are traced).
+
 Packed rows (`segment_ids` [B, T]): the state resets wherever the id changes. The chunk forms
 mask the intra-chunk scores to same-segment pairs, feed the entering state only to the
 chunk's tokens still in its segment, let only the chunk's last segment reach the state
