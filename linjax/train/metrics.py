@@ -2,7 +2,10 @@
 and at the end `loss_curve.png` and `summary.json` in the workdir.
 
 Only process 0 writes. `metrics.jsonl` is appended as the run goes, so the loss curve of a
-run that was killed and resumed still covers every step (a step logged twice keeps the last).
+run that was killed and resumed still covers every step. A resumed run passes
+`resume_step=N` (the restored checkpoint's step): the rows logged after step N by the run
+that died are dropped first (the file is rewritten, atomically), and TensorBoard purges its
+events after N, so each step is logged once, by the run whose parameters carry on.
 """
 from __future__ import annotations
 
@@ -29,18 +32,51 @@ def _summary_writer_cls():
       del sys.modules["torch"]
 
 
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Keep the rows of a metrics.jsonl with step <= last_step (and drop lines a kill cut
+  short); rewritten through a temporary file and a rename. Returns the number of lines
+  dropped (0, and nothing written, when there is nothing to drop or no file)."""
+  if not os.path.exists(path):
+    return 0
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        r = json.loads(line)
+        ok = int(r["step"]) <= last_step
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        ok = False
+      if ok:
+        keep.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return dropped
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, total_steps: int, start_step: int, *, enabled: bool = True,
-               progress: bool = True):
+               progress: bool = True, resume_step: int | None = None):
+    """resume_step: the step the run resumes from (its restored checkpoint); rows of
+    metrics.jsonl with a larger step (and lines cut by a kill) are dropped. None: a fresh
+    run or no truncation (the file is appended to as it is)."""
     self.workdir, self.enabled = workdir, enabled
     self.jsonl = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     self._bar = None
+    self.dropped_rows = 0
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      self.dropped_rows = truncate_jsonl(self.jsonl, int(resume_step))
     SummaryWriter = _summary_writer_cls()
-    self._tb = (SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+    tb_kw = {} if resume_step is None else {"purge_step": int(resume_step) + 1}
+    self._tb = (SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10, **tb_kw)
                 if SummaryWriter is not None else None)
     if progress:
       from tqdm.auto import tqdm
