@@ -14,10 +14,12 @@ WY kernel (`wy`, one program per (batch, head, chunk); TPU: G chunks per grid st
 sub-blocks of 16 so no [C, C] block is ever assembled: L's [16, 16] blocks from k k^T (input
 dtype, fp32 accumulation); each diagonal block inverted by forward substitution on its
 transpose (16 steps of [16, 16] vector work, fp32); the off-diagonal blocks of T by
-  T_ab = -T_aa sum_{b <= c < a} L_ac T_cb                     ([16, 16] fp32 matmuls);
-w, u rows of each sub-chunk from T's blocks ([16, 16] x [16, D] fp32 matmuls), written
-straight into the outputs. In the backward the same kernel also writes T's blocks (diagonal
-blocks transposed), which `wy_bwd` reads: T is computed once per backward.
+  T_ab = -T_aa sum_{b <= c < a} L_ac T_cb                     ([16, 16] matmuls);
+w, u rows of each sub-chunk from T's blocks ([16, 16] x [16, D] matmuls), written straight
+into the outputs (fp32). These matmuls of fp32 values run at full precision: three bf16
+passes on a GPU's tensor cores for bf16 inputs, fp32 HIGHEST on a TPU (`_Mm`). In the
+backward the same kernel also writes T's blocks (diagonal blocks transposed), which `wy_bwd`
+reads: T is computed once per backward.
 
 Backward (custom_vjp; residuals are the inputs only):
   1. `wy` (w, u and T);
@@ -59,6 +61,23 @@ NEG_INF = float("-inf")
 S16 = 16  # sub-block of the UT inverse
 
 _dot, _dot_tn, _dot_nt, _iota = _gla._dot, _gla._dot_tn, _gla._dot_nt, _gla._iota
+
+
+class _Mm:
+  """The WY kernels' fp32 matmuls (T's blocks, w, u and their gradients): full precision,
+  on the GPU as three bf16 passes on the tensor cores for bf16 / fp16 inputs (gla.sdot)."""
+
+  def __init__(self, backend, dt):
+    self.backend, self.dt = backend, dt
+
+  def dot(self, a, b):
+    return _gla.sdot(a, b, ((1,), (0,)), True, self.backend, self.dt)
+
+  def dot_tn(self, a, b):
+    return _gla.sdot(a, b, ((0,), (0,)), True, self.backend, self.dt)
+
+  def dot_nt(self, a, b):
+    return _gla.sdot(a, b, ((1,), (1,)), True, self.backend, self.dt)
 
 
 def _row_to_col(x):
@@ -124,15 +143,15 @@ class _Blocks:
     return jnp.exp(jnp.where(ok, self.b[a] - self.brow[b], NEG_INF))
 
 
-def _tmul(T, a, b, x, transpose=False):
+def _tmul(mm, T, a, b, x, transpose=False):
   """T_ab x (or T_ab^T x) with T's blocks as stored: T[(a, a)] is T_aa transposed."""
   blk = T[(a, b)]
   if a == b:
-    return _dot(blk, x) if transpose else _dot_tn(blk, x)
-  return _dot_tn(blk, x) if transpose else _dot(blk, x)
+    return mm.dot(blk, x) if transpose else mm.dot_tn(blk, x)
+  return mm.dot_tn(blk, x) if transpose else mm.dot(blk, x)
 
 
-def _wy_chunk(ck, r, gated, has_seg, want_A, dt):
+def _wy_chunk(ck, r, gated, has_seg, want_A, mm):
   bl = _Blocks(r, ck, gated, has_seg)
   m = bl.m
   kk = {}
@@ -144,15 +163,15 @@ def _wy_chunk(ck, r, gated, has_seg, want_A, dt):
     L_aa = bl.beta[a] * kk[(a, a)]
     T[(a, a)] = _inv_diag(L_aa)
     for b in range(a - 1, -1, -1):
-      acc = _dot_nt(bl.beta[a] * kk[(a, b)], T[(b, b)])              # L_ab T_bb
+      acc = mm.dot_nt(bl.beta[a] * kk[(a, b)], T[(b, b)])            # L_ab T_bb
       for c in range(b + 1, a):
-        acc = acc + _dot(bl.beta[a] * kk[(a, c)], T[(c, b)])
-      T[(a, b)] = -_dot_tn(T[(a, a)], acc)
+        acc = acc + mm.dot(bl.beta[a] * kk[(a, c)], T[(c, b)])
+      T[(a, b)] = -mm.dot_tn(T[(a, a)], acc)
     X.append(bl.beta[a] * bl.eb(a) * bl.k[a].astype(f32))
     Y.append(bl.beta[a] * r["v"][ck.rows(a * S16, S16)].astype(f32))
   for a in range(m):
-    w = sum(_tmul(T, a, b, X[b]) for b in range(a + 1))
-    u = sum(_tmul(T, a, b, Y[b]) for b in range(a + 1))
+    w = sum(_tmul(mm, T, a, b, X[b]) for b in range(a + 1))
+    u = sum(_tmul(mm, T, a, b, Y[b]) for b in range(a + 1))
     rows = ck.rows(a * S16, S16)
     r["w"][rows] = w.astype(r["w"].dtype)
     r["u"][rows] = u.astype(r["u"].dtype)
@@ -161,7 +180,7 @@ def _wy_chunk(ck, r, gated, has_seg, want_A, dt):
         r["A"][ck.j, a * m + b] = T[(a, b)]
 
 
-def _wy_bwd_chunk(ck, r, gated, has_seg, dt):
+def _wy_bwd_chunk(ck, r, gated, has_seg, mm):
   bl = _Blocks(r, ck, gated, has_seg)
   m = bl.m
   T = {(a, b): r["A"][ck.j, a * m + b] for a in range(m) for b in range(a + 1)}
@@ -173,14 +192,14 @@ def _wy_bwd_chunk(ck, r, gated, has_seg, dt):
   eb = [bl.eb(a) for a in range(m)]
   X = [bl.beta[a] * eb[a] * kf[a] for a in range(m)]
   Y = [bl.beta[a] * v[a] for a in range(m)]
-  dX = [sum(_tmul(T, a, b, dw[a], True) for a in range(b, m)) for b in range(m)]
-  dY = [sum(_tmul(T, a, b, du[a], True) for a in range(b, m)) for b in range(m)]
-  dT = {(a, b): _dot_nt(dw[a], X[b]) + _dot_nt(du[a], Y[b])
+  dX = [sum(_tmul(mm, T, a, b, dw[a], True) for a in range(b, m)) for b in range(m)]
+  dY = [sum(_tmul(mm, T, a, b, du[a], True) for a in range(b, m)) for b in range(m)]
+  dT = {(a, b): mm.dot_nt(dw[a], X[b]) + mm.dot_nt(du[a], Y[b])
         for a in range(m) for b in range(a + 1)}
   P = {}
   for a in range(m):
     for d in range(a + 1):
-      P[(a, d)] = sum(_tmul(T, c, a, dT[(c, d)], True) for c in range(a, m))
+      P[(a, d)] = sum(_tmul(mm, T, c, a, dT[(c, d)], True) for c in range(a, m))
   dk = [r["dk_in"][rw] + bl.beta[a] * eb[a] * dX[a] for a, rw in enumerate(rows)]
   dbeta = [jnp.sum(dX[a] * eb[a] * kf[a], axis=1, keepdims=True)
            + jnp.sum(dY[a] * v[a], axis=1, keepdims=True) for a in range(m)]
@@ -188,14 +207,14 @@ def _wy_bwd_chunk(ck, r, gated, has_seg, dt):
   for a in range(m):
     for b in range(a + 1):
       # dL_ab = -sum_{d <= b} P_ad T_bd^T
-      dL = -(_dot(P[(a, b)], T[(b, b)]) + sum(
-          (_dot_nt(P[(a, d)], T[(b, d)]) for d in range(b)), jnp.zeros((S16, S16), f32)))
+      dL = -(mm.dot(P[(a, b)], T[(b, b)]) + sum(
+          (mm.dot_nt(P[(a, d)], T[(b, d)]) for d in range(b)), jnp.zeros((S16, S16), f32)))
       gam = bl.gamma(a, b)
       kkg = _dot_nt(bl.k[a], bl.k[b]) * gam
       dbeta[a] = dbeta[a] + jnp.sum(dL * kkg, axis=1, keepdims=True)
       dkk = dL * bl.beta[a] * gam
-      dk[a] = dk[a] + _dot(dkk, kf[b])
-      dk[b] = dk[b] + _dot_tn(dkk, kf[a])
+      dk[a] = dk[a] + mm.dot(dkk, kf[b])
+      dk[b] = dk[b] + mm.dot_tn(dkk, kf[a])
       if gated:
         E = dL * bl.beta[a] * kkg
         db[a] = db[a] + jnp.sum(E, axis=1, keepdims=True)
@@ -208,16 +227,16 @@ def _wy_bwd_chunk(ck, r, gated, has_seg, dt):
       r["db"][rw] = db[a]
 
 
-def _wy_kernel(*refs, names, mode, C, G, gated, has_seg, want_A):
+def _wy_kernel(*refs, names, mode, C, G, gated, has_seg, want_A, backend):
   r = dict(zip(names, refs))
-  dt = r["k"].dtype
+  mm = _Mm(backend, r["k"].dtype)
 
   def body(j, carry):
     ck = _gla.Ck("none", C, _gla._base(j, C), j)
     if mode == "fwd":
-      _wy_chunk(ck, r, gated, has_seg, want_A, dt)
+      _wy_chunk(ck, r, gated, has_seg, want_A, mm)
     else:
-      _wy_bwd_chunk(ck, r, gated, has_seg, dt)
+      _wy_bwd_chunk(ck, r, gated, has_seg, mm)
     return carry
 
   _gla._loop(G, body, 0)
@@ -275,7 +294,7 @@ def wy(k, v, beta_col, bcol, rcol, *, geo, backend, interpret, want_A, scale=Non
     out_specs.append(Aspec)
   kern = functools.partial(_wy_kernel, names=tuple(names + out_names), mode="fwd", C=geo.C,
                            G=geo.G, gated=bcol is not None, has_seg=rcol is not None,
-                           want_A=want_A)
+                           want_A=want_A, backend=backend)
   return pl.pallas_call(
       kern, out_shape=out_shape, grid=(B, H, geo.S), in_specs=specs, out_specs=out_specs,
       compiler_params=_cp(backend, interpret, k.dtype, geo.Kp, geo.Vp),
@@ -300,7 +319,8 @@ def wy_bwd(k, v, beta_col, bcol, rcol, A, dw, du, dk_in, *, geo, backend, interp
     out_shape.append(jax.ShapeDtypeStruct(beta_col.shape, f32))
     out_specs.append(col)
   kern = functools.partial(_wy_kernel, names=tuple(names + out_names), mode="bwd", C=geo.C,
-                           G=geo.G, gated=gated, has_seg=rcol is not None, want_A=False)
+                           G=geo.G, gated=gated, has_seg=rcol is not None, want_A=False,
+                           backend=backend)
   outs = pl.pallas_call(
       kern, out_shape=out_shape, grid=(geo.B, geo.H, geo.S), in_specs=specs,
       out_specs=out_specs, compiler_params=_cp(backend, interpret, k.dtype, geo.Kp, geo.Vp),
