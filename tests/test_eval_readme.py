@@ -1,6 +1,8 @@
 """benchmarks/update_readme.py: result tables are copied into README.md, never typed."""
 import importlib.util
 import os
+import re
+import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +39,34 @@ def test_update_readme(tmp_path):
   assert m.main(argv) == 0 and readme.read_text() == text
 
 
-def test_repo_readme_blocks_resolve_or_are_pending():
+def test_repo_readme_is_up_to_date():
+  """The repository's README holds exactly what `update_readme.py` copies into it: what
+  `python benchmarks/update_readme.py --check` checks (it exits 1 otherwise)."""
   m = _mod()
-  new, missing = m.render(open(os.path.join(ROOT, "README.md")).read(), ROOT)
-  assert isinstance(new, str) and isinstance(missing, list)
+  old = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  new, missing = m.render(old, ROOT)
+  assert not missing, f"result blocks without a results file: {missing}"
+  assert new == old, ("README.md is out of date (a results file changed or a table was "
+                      "edited by hand): run python benchmarks/update_readme.py")
+  assert m.main(["--check"]) == 0
+
+
+def test_check_fails_on_a_hand_edited_table(tmp_path):
+  """A copy of the repository's README and results with one number of a table changed by
+  hand fails `--check`; putting the number back passes it."""
+  m = _mod()
+  for d in m.SEARCH:
+    shutil.copytree(os.path.join(ROOT, d), tmp_path / d)
+  text, _ = m.render(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(), ROOT)
+  readme = tmp_path / "README.md"
+  readme.write_text(text, encoding="utf-8")
+  assert m.main(["--readme", str(readme), "--check"]) == 0
+  rows = [(b.start("body") + r.start(1)) for b in m.BLOCK.finditer(text)
+          for r in re.finditer(r"^\|[^\n]*\| (\d+\.\d+) \|", b.group("body"), re.M)]
+  assert rows, "no numeric table row in the README result blocks"
+  i = rows[0]
+  digit = str((int(text[i]) + 1) % 10)
+  readme.write_text(text[:i] + digit + text[i + 1:], encoding="utf-8")
+  assert m.main(["--readme", str(readme), "--check"]) == 1
+  assert m.main(["--readme", str(readme)]) == 0                        # rewritten from results
+  assert readme.read_text(encoding="utf-8") == text

@@ -176,8 +176,22 @@ def test_unpack_repack_roundtrip():
     varlen.check_cu_seqlens(cu, 12, 1, max_seqlen=3)
 
 
-def test_methods_constant():
-  assert set(ops.METHODS) == {"auto", "recurrent", "parallel", "chunk", "assoc_scan", "pallas"}
+def test_every_listed_method_is_tested_and_auto_computes_the_reference():
+  """Every name in `ops.METHODS` is checked against the token-by-token reference somewhere:
+  the jnp methods by test_ops_gla / test_ops_delta `test_methods_match_reference`, pallas by
+  tests/test_pallas.py and `test_auto_and_pallas_dispatch`, auto here (a method added to the
+  list without a test fails this); a name outside the list is refused."""
+  from tests import test_ops_delta, test_ops_gla
+  from tests.ops_util import make_inputs
+  covered = set(test_ops_gla.METHODS) & set(test_ops_delta.METHODS) | {"auto", "pallas"}
+  assert set(ops.METHODS) <= covered, set(ops.METHODS) - covered
+  for op, ref, delta in ((ops.gla, reference.gla, False), (ops.delta_rule, reference.delta_rule, True)):
+    inp = make_inputs(3, 1, 21, 2, 16, 8, gate="head", delta=delta)
+    want, S_want = ref(**inp, output_final_state=True)
+    o, S = op(**inp, output_final_state=True, method="auto", chunk_size=16)
+    assert rel_err(want, o) < 1e-4 and rel_err(S_want, S) < 1e-4, op.__name__
+    with pytest.raises(ValueError, match="must be one of"):
+      op(**inp, method="fastest")
 
 
 @pytest.mark.parametrize("C", [1, 16, 37, 64])
