@@ -10,6 +10,10 @@
 SRC / --model: anything `linjax.from_pretrained` reads (HF dir, .gguf, state_dict file with a
 config.json beside it, linjax checkpoint dir). `convert` writes a linjax (orbax) checkpoint
 unless `--to hf` (or DST ending in "-hf" / "_hf").
+
+A user error (a missing or damaged file, a bad config or override, a value out of range)
+prints one line, `error: ...`, and exits with status 2; `--debug` (anywhere on the line)
+shows the Python traceback instead.
 """
 from __future__ import annotations
 
@@ -27,15 +31,11 @@ def _convert(args):
   from linjax.convert import from_pretrained, save_linjax, save_pretrained
   t0 = time.time()
   to = args.to or ("hf" if args.dst.rstrip("/").endswith(("-hf", "_hf")) else "linjax")
-  try:
-    model, tok = from_pretrained(args.src, dtype=args.dtype)
-    if to == "hf":
-      save_pretrained(model, args.dst, tokenizer=tok, max_shard_size=args.max_shard_size)
-    else:
-      save_linjax(model, args.dst, tokenizer=tok)
-  except (OSError, ValueError, KeyError) as e:  # bad input: one line, no traceback
-    return _error(f"no such file or folder: {e.filename or e}"
-                  if isinstance(e, FileNotFoundError) else str(e))
+  model, tok = from_pretrained(args.src, dtype=args.dtype)   # bad input: one line (main)
+  if to == "hf":
+    save_pretrained(model, args.dst, tokenizer=tok, max_shard_size=args.max_shard_size)
+  else:
+    save_linjax(model, args.dst, tokenizer=tok)
   print(f"wrote {to} checkpoint to {args.dst} in {time.time() - t0:.1f}s", file=sys.stderr)
   return 0
 
@@ -94,8 +94,33 @@ def _parser():
   return p
 
 
+# What a user can get wrong (paths, file contents, config fields and values) raises these;
+# anything else is a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, KeyError)
+
+
+def _user_error_message(e) -> str:
+  if isinstance(e, FileNotFoundError) and e.filename:
+    return f"no such file or folder: {e.filename}"
+  if isinstance(e, KeyError) and e.args:
+    return str(e.args[0]).strip("'\"")   # ml_collections' "did you mean" text, unquoted
+  return str(e) or type(e).__name__
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv
+  argv = [a for a in argv if a != "--debug"]
+  try:
+    return _main(argv)
+  except USER_ERRORS as e:
+    if debug:
+      raise
+    _error(_user_error_message(e) + "  (--debug shows the traceback)")
+    return 2
+
+
+def _main(argv) -> int:
   if argv and argv[0] == "train":
     from absl import app
     from linjax.train.__main__ import main as train_main

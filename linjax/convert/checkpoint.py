@@ -116,8 +116,8 @@ def _resolve_config(config, default_dir=None) -> dict:
                                  f"looked for {path}")
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
-  with open(path) as f:
-    return hf_export.as_llama_hf(json.load(f))
+  from linjax.convert.sources import read_json   # invalid JSON: file, line and column named
+  return hf_export.as_llama_hf(read_json(path, "config"))
 
 
 def _overrides(dtype, param_dtype, overrides):
@@ -145,8 +145,23 @@ def _load_tokenizer(path, **kw):
 
 # --- public API -------------------------------------------------------------------------
 
+def not_found(path) -> FileNotFoundError:
+  """The error for a path that does not exist; a Hugging Face Hub id ("org/name") is told
+  that nothing is downloaded."""
+  import re
+  if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) and not path.endswith(
+      (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")):
+    return FileNotFoundError(
+        f"{path!r} is not a local file or folder; it looks like a Hugging Face Hub id. linjax "
+        f"loads local files only; download it first (e.g. `huggingface-cli download {path} "
+        f"--local-dir DIR`, or transformers' save_pretrained) and pass DIR")
+  return FileNotFoundError(f"no such file or folder: {path}")
+
+
 def _cache_key(path) -> str:
   import hashlib
+  if not os.path.exists(path):
+    raise not_found(path)
   st = os.stat(path)
   h = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
   return f"{os.path.basename(path)}-{h.hexdigest()[:12]}"
@@ -204,10 +219,10 @@ def from_pretrained(path, *, dtype=None, param_dtype=None, shardings=None, confi
     model = load_from_source(cfg, src, shardings)
     return model, (_load_tokenizer(path) if tokenizer else None)
   if not os.path.exists(path):
-    raise FileNotFoundError(path)
+    raise not_found(path)
   if path.endswith(".gguf"):
-    from gguf import GGUFReader
-    reader = GGUFReader(path)
+    from linjax.convert.sources import open_gguf   # a damaged file: path and size named
+    reader = open_gguf(path)
     hf = gguf_hf_config(reader) if config is None else _resolve_config(config)
     cfg = LlamaConfig.from_hf(hf, **kw)
     model = load_from_source(cfg, GGUFSource(reader, cfg), shardings)
@@ -332,8 +347,8 @@ def load_linjax(path, *, shardings=None, **config_overrides):
   """Restore a `save_linjax` directory (optionally with new dtype / shardings)."""
   import orbax.checkpoint as ocp
   path = os.path.abspath(os.fspath(path))
-  with open(os.path.join(path, "config.json")) as f:
-    hf = hf_export.as_llama_hf(json.load(f))
+  from linjax.convert.sources import read_json
+  hf = hf_export.as_llama_hf(read_json(os.path.join(path, "config.json"), "config"))
   cfg = LlamaConfig.from_hf(hf, **config_overrides)
   graphdef, abstract = abstract_model(cfg)
   flat = dict(nnx.to_flat_state(abstract))

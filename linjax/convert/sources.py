@@ -17,6 +17,48 @@ class UnsupportedFormatError(ValueError):
   """The path is not a checkpoint format linjax reads."""
 
 
+class CorruptFileError(UnsupportedFormatError):
+  """A checkpoint file is truncated or damaged; the message names its path and size."""
+
+
+def _size(path) -> str:
+  try:
+    return f"{os.path.getsize(path):,} bytes"
+  except OSError:
+    return "size unknown"
+
+
+def corrupt(path, what, cause) -> CorruptFileError:
+  """The error for a damaged `what` ("GGUF file", ...) at `path`, with the reader's cause."""
+  msg = " ".join(str(cause).split()) or type(cause).__name__
+  return CorruptFileError(f"{what} {path} ({_size(path)}) is truncated or damaged: {msg}")
+
+
+def read_json(path, what="config"):
+  """json.load of `path`; invalid JSON raises UnsupportedFormatError naming the file, line
+  and column."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UnsupportedFormatError(f"{path}: invalid JSON in the {what} at line {e.lineno}, "
+                                 f"column {e.colno}: {e.msg}") from None
+
+
+def check_finite(name, x, path):
+  """Weights must be finite: a NaN / inf in a stored tensor means damaged data (the formats
+  carry no checksum; flipped exponent bits show here)."""
+  if x.dtype.kind == "f":
+    bad = ~np.isfinite(x)
+    if bad.any():
+      idx = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise CorruptFileError(f"{path} ({_size(path)}): tensor {name!r} holds {int(bad.sum())} "
+                             f"non-finite value(s) (first {x[idx]} at index {idx}); the file "
+                             f"is damaged")
+  return x
+
+
 def _to_numpy(t):
   """torch tensor -> numpy; bfloat16 and other non-numpy dtypes go through float32."""
   import torch
@@ -39,7 +81,12 @@ class SafetensorsSource:
     self._handles = {}
     self._where = {}
     for f in files:
-      h = safe_open(f, framework=self._fw)
+      if not os.path.exists(f):
+        raise FileNotFoundError(f"safetensors shard {f} does not exist")
+      try:
+        h = safe_open(f, framework=self._fw)
+      except Exception as e:  # noqa: BLE001 - SafetensorError / OSError: name the file
+        raise corrupt(f, "safetensors file", e) from None
       self._handles[f] = h
       for k in h.keys():
         self._where[k] = f
@@ -51,10 +98,14 @@ class SafetensorsSource:
     return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
   def get(self, name):
-    t = self._handles[self._where[name]].get_tensor(name)
-    if self._fw == "pt":
-      return _to_numpy(t)
-    return np.asarray(t.astype("float32") if str(t.dtype) == "bfloat16" else t)
+    f = self._where[name]
+    try:
+      t = self._handles[f].get_tensor(name)
+    except Exception as e:  # noqa: BLE001
+      raise corrupt(f, f"safetensors file (tensor {name!r})", e) from None
+    x = _to_numpy(t) if self._fw == "pt" else np.asarray(
+        t.astype("float32") if str(t.dtype) == "bfloat16" else t)
+    return check_finite(name, x, f)
 
 
 class TorchSource:
@@ -63,16 +114,23 @@ class TorchSource:
   def __init__(self, files: list[str]):
     import torch
     self._sd = {}
+    self._file = {}
     for f in files:
+      if not os.path.exists(f):
+        raise FileNotFoundError(f"torch weights file {f} does not exist")
       try:
-        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-      except RuntimeError:  # old (non-zip) serialization cannot be mmapped
-        sd = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+          sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # old (non-zip) serialization cannot be mmapped
+          sd = torch.load(f, map_location="cpu", weights_only=True)
+      except Exception as e:  # noqa: BLE001 - unpickling / zip errors: name the file
+        raise corrupt(f, "torch state_dict file", e) from None
       if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
       if not isinstance(sd, dict):
         raise UnsupportedFormatError(f"{f}: expected a state_dict (dict of tensors), got {type(sd).__name__}")
       self._sd.update(sd)
+      self._file.update({k: f for k in sd})
     # A LlamaModel state_dict (no "model." prefix) is accepted too.
     if "embed_tokens.weight" in self._sd and "model.embed_tokens.weight" not in self._sd:
       self._sd = {("model." + k if k != "lm_head.weight" else k): v for k, v in self._sd.items()}
@@ -84,7 +142,8 @@ class TorchSource:
     return tuple(self._sd[name].shape)
 
   def get(self, name):
-    return _to_numpy(self._sd[name])
+    f = self._file.get(name, self._file.get(name.removeprefix("model."), "the state_dict"))
+    return check_finite(name, _to_numpy(self._sd[name]), f)
 
 
 class GGUFSource:
@@ -92,6 +151,8 @@ class GGUFSource:
 
   def __init__(self, path_or_reader, config):
     self.reader = _reader(path_or_reader)
+    self.path = getattr(self.reader, "linjax_path", None) or (
+        path_or_reader if isinstance(path_or_reader, str) else "the GGUF file")
     self.config = config
     self._by_hf = {}
     self.unmapped = []
@@ -112,8 +173,11 @@ class GGUFSource:
   def get(self, name):
     from gguf.quants import dequantize
     t = self._by_hf[name]
-    x = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(self.shape(name))
-    return mapping.gguf_transform(t.name, x, self.config)
+    try:
+      x = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(self.shape(name))
+    except (ValueError, IndexError) as e:
+      raise corrupt(self.path, f"GGUF file (tensor {t.name!r})", e) from None
+    return mapping.gguf_transform(t.name, check_finite(t.name, x, self.path), self.config)
 
 
 def gguf_metadata(reader) -> dict:
@@ -128,10 +192,23 @@ def gguf_metadata(reader) -> dict:
   return out
 
 
+def open_gguf(path):
+  """gguf.GGUFReader(path); a truncated or damaged file raises CorruptFileError naming the
+  path and size (the reader itself fails with a bare numpy reshape / IndexError)."""
+  from gguf import GGUFReader
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such GGUF file: {path}")
+  try:
+    r = GGUFReader(path)
+  except Exception as e:  # noqa: BLE001 - ValueError / IndexError / struct.error from gguf
+    raise corrupt(path, "GGUF file", e) from None
+  r.linjax_path = path
+  return r
+
+
 def _reader(path_or_reader):
   if isinstance(path_or_reader, str):
-    from gguf import GGUFReader
-    return GGUFReader(path_or_reader)
+    return open_gguf(path_or_reader)
   return path_or_reader
 
 
@@ -182,8 +259,10 @@ def find_hf_weight_files(d: str) -> tuple[str, list[str]]:
   for kind, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
                               ("torch", "pytorch_model.bin", "pytorch_model.bin.index.json")):
     if os.path.exists(os.path.join(d, index)):
-      with open(os.path.join(d, index)) as f:
-        wm = json.load(f)["weight_map"]
+      idx = read_json(os.path.join(d, index), "weight index")
+      if not isinstance(idx.get("weight_map"), dict):
+        raise UnsupportedFormatError(f"{os.path.join(d, index)}: no \"weight_map\" object")
+      wm = idx["weight_map"]
       return kind, [os.path.join(d, x) for x in sorted(set(wm.values()))]
     if os.path.exists(os.path.join(d, single)):
       return kind, [os.path.join(d, single)]

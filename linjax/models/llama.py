@@ -301,6 +301,25 @@ def _unstack(tree, n):
   return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
 
 
+def _raise_bad_ids(n_bad, lo, hi, vocab):
+  if n_bad:
+    raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocab_size), got "
+                     f"{int(n_bad)} id(s) outside, min {int(lo)}, max {int(hi)}: is the "
+                     f"tokenizer the model's?")
+
+
+def _check_token_ids(tokens, vocab, decoding):
+  from linjax.ops import _checks
+  t = _checks.concrete(tokens)
+  if t is not None:
+    if t.size:
+      bad = (t < 0) | (t >= vocab)
+      _raise_bad_ids(bad.sum(), t.min(), t.max(), vocab)
+  elif decoding or _checks._TRACED[0]:
+    bad = (tokens < 0) | (tokens >= vocab)
+    jax.debug.callback(_raise_bad_ids, bad.sum(), tokens.min(), tokens.max(), vocab)
+
+
 class Llama(nnx.Module):
   """Llama causal LM; `self_attn` of layer i is the mixer `config.mixers[i]`."""
 
@@ -337,8 +356,12 @@ class Llama(nnx.Module):
 
     positions default to 0..T-1 (or continue from cache["next_pos"] when decoding);
     segment_ids [B, T]: packed documents (full pass) or 1 = token / 0 = padding (decode).
+    Token ids must be in [0, vocab_size): concrete ids are checked now, traced ones when
+    decoding (a cache is given) or under `linjax.ops._checks.traced_value_checks()`
+    (ValueError naming the id; unchecked, an id out of range gives NaN logits).
     """
     B, T = tokens.shape
+    _check_token_ids(tokens, self.config.vocab_size, cache is not None)
     if positions is None:
       start = cache["next_pos"][:, None] if cache is not None else 0
       positions = jnp.arange(T, dtype=jnp.int32)[None, :] + start
