@@ -224,8 +224,43 @@ def main():
   print(text)
   if a.md:
     with open(a.md, "w") as f:
-      f.write(f"<!-- {head}; {time.time() - t0:.0f} s -->\n{text}")
+      f.write(report(rows, head, time.time() - t0, " ".join(sys.argv[1:])))
     os.remove(a.md + ".partial")
+
+
+def report(rows, head, seconds, argv):
+  """The results markdown: what was run, the worst error of each quantity, the table."""
+  worst = {}
+  for _, res in rows:
+    for impl, e in res.items():
+      for w, v in e.items():
+        if w in TOL:
+          worst[(impl, w)] = max(worst.get((impl, w), 0.0), v)
+  cols = [c for c in COLS if c in TOL and any((i, c) in worst for i in ("pallas", "chunk"))]
+  over = [f"{i} {c}" for (i, c), v in worst.items() if not v <= TOL[c]]
+  lines = [
+      "# bf16 accuracy of the Pallas kernels beside the jnp chunk method (CPU, interpret mode)",
+      "",
+      f"Command: `python benchmarks/accuracy.py {argv}`; {head}; "
+      f"{time.strftime('%Y-%m-%d')}, {seconds:.0f} s.",
+      "",
+      "Relative errors ||ref - x|| / ||ref|| against the fp32 token-by-token reference on the "
+      "same bf16-rounded inputs (the module docstring of `benchmarks/accuracy.py` has the "
+      "inputs). `pallas` is the kernels' own arithmetic run by Pallas' interpreter through "
+      "their GPU (Triton) structure; the three-pass bf16 matmuls they use on a GPU for the "
+      "delta rule's state path and WY form compute in fp32 on the CPU (their own error, ~1e-5 "
+      "relative, is below this table's resolution). Bold: above fla's tolerance (o, dq, dk, "
+      "dv, dh0 5e-3; dg, dbeta 1e-2).",
+      "",
+      "Worst over the table (pallas / chunk): " + "; ".join(
+          f"{c} " + " / ".join(f"{worst[(i, c)]:.1e}" if (i, c) in worst else "-"
+                               for i in ("pallas", "chunk")) for c in cols) + ".",
+      "",
+      ("Every entry is within the tolerances." if not over else
+       "Above tolerance: " + ", ".join(over) + "."),
+      "",
+      table(rows)]
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
