@@ -12,6 +12,8 @@ _LAZY = {
     "evaluate": ("linjax.eval", "evaluate"),
     "Llama": ("linjax.models.llama", "Llama"),
     "LlamaConfig": ("linjax.models.llama", "LlamaConfig"),
+    "compress_ffn": ("linjax.compress", "compress_ffn"),
+    "merge_ffn": ("linjax.compress", "merge_ffn"),
 }
 
 

@@ -28,7 +28,7 @@ from linjax.convert.hf_export import UnsupportedExportError, save_peft_adapter  
 from linjax.convert.sources import (GGUFSource, SafetensorsSource, TorchSource,
                                     UnsupportedFormatError, find_hf_weight_files,
                                     gguf_hf_config)
-from linjax.models.llama import Llama, LlamaConfig
+from linjax.models.llama import Llama, LlamaConfig, UnsupportedConfigError
 
 
 class CheckpointMismatchError(ValueError):
@@ -75,6 +75,7 @@ def load_from_source(config: LlamaConfig, source, shardings=None):
   flat = dict(nnx.to_flat_state(state))
   table = mapping.full_name_table(config, flat)
   keys = set(source.keys())
+  _check_structured_ffn(config, keys)
   ignorable = {k for k in keys if k.endswith(mapping.IGNORABLE_SUFFIXES)}
   if config.tie_word_embeddings:
     ignorable.add("lm_head.weight")  # some tied checkpoints store the copy
@@ -99,6 +100,19 @@ def load_from_source(config: LlamaConfig, source, shardings=None):
     var.set_value(jax.device_put(x, sh) if sh is not None else jnp.asarray(x))
     del x
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _check_structured_ffn(config, keys):
+  """A structured FFN (config.mlp) asked of a checkpoint that stores dense FFN weights."""
+  layers = [i for i, k in enumerate(config.mlp) if k != "dense"]
+  if not layers:
+    return
+  name = f"model.layers.{layers[0]}.mlp.gate_proj.weight"
+  if name in keys:
+    raise UnsupportedConfigError(
+        f"config field 'mlp' = {config.mlp[layers[0]]!r} (layer {layers[0]}), but the checkpoint "
+        f"holds a dense FFN ({name}); load it dense and compress it with "
+        f"linjax.compress_ffn(model, rank=... | rank_fraction=...) (truncated SVD)")
 
 
 # --- config handling --------------------------------------------------------------------

@@ -40,7 +40,7 @@ class UnsupportedExportError(ValueError):
 # --- config ---------------------------------------------------------------------------
 
 def is_plain_llama(cfg) -> bool:
-  return cfg.all_softmax
+  return cfg.all_softmax and cfg.all_dense_mlp
 
 
 def export_config(cfg) -> dict:
@@ -49,6 +49,13 @@ def export_config(cfg) -> dict:
   hf.pop("linjax", None)
   if is_plain_llama(cfg):
     return hf
+  if not cfg.all_dense_mlp:
+    kinds = sorted(set(cfg.mlp) - {"dense"})
+    raise UnsupportedExportError(
+        f"cannot export to Hugging Face format: the model has structured FFNs (mlp={kinds}), "
+        f"which transformers' Llama and linjax's modeling code do not implement; export "
+        f"linjax.merge_ffn(model) (the factors multiplied out, exact) or keep it as a linjax "
+        f"checkpoint (linjax.convert.save_linjax)")
   names = list(cfg.mixers)
   kws = []
   for i, n in enumerate(names):

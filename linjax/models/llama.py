@@ -31,9 +31,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from linjax.layers.mixers import build_mixer
-from linjax.layers.mlp import LlamaMLP, dense, partitioned
+from linjax.layers.mlp import dense, partitioned
 from linjax.layers.norms import RMSNorm
 from linjax.layers.rotary import SUPPORTED_ROPE_TYPES
+from linjax.layers.structured_mlp import build_mlp, resolve_mlp_fields
 
 
 class UnsupportedConfigError(ValueError):
@@ -60,7 +61,8 @@ _IGNORED_HF_KEYS = {
     "label_smoothing", "_commit_hash", "layer_types",
 }
 
-_LINJAX_FIELDS = ("mixers", "mixer_kwargs", "dtype", "param_dtype", "remat", "scan_layers")
+_LINJAX_FIELDS = ("mixers", "mixer_kwargs", "dtype", "param_dtype", "remat", "scan_layers",
+                  "mlp", "mlp_rank", "mlp_blocks")
 
 
 @dataclasses.dataclass
@@ -91,6 +93,11 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: Any = False                   # checkpoint each layer: False | True | a policy name
   scan_layers: bool = False            # lax.scan over identical layers (see module docstring)
+  # FFN per layer (linjax.layers.structured_mlp): "dense" | "lowrank" | "block" | "blockdense",
+  # rank (int or fraction of min(hidden, intermediate)) and block count, one or per layer
+  mlp: Any = "dense"
+  mlp_rank: Any = None
+  mlp_blocks: Any = None
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -123,6 +130,12 @@ class LlamaConfig:
       raise UnsupportedConfigError(
           f"remat must be a bool or the name of a jax.checkpoint_policies policy, got "
           f"{self.remat!r}")
+    try:
+      self.mlp, self.mlp_rank, self.mlp_blocks = resolve_mlp_fields(
+          self.mlp, self.mlp_rank, self.mlp_blocks, self.hidden_size, self.intermediate_size,
+          self.num_hidden_layers)
+    except ValueError as e:
+      raise UnsupportedConfigError(str(e)) from None
     if self.hidden_act not in ("silu",):
       raise UnsupportedConfigError(f"hidden_act {self.hidden_act!r} is not supported (silu)")
     _check_rope(self.rope_scaling)
@@ -233,7 +246,14 @@ class LlamaConfig:
     d["linjax"] = {"mixers": list(self.mixers), "mixer_kwargs": self.to_dict()["mixer_kwargs"],
                    "dtype": self.dtype, "param_dtype": self.param_dtype, "remat": self.remat,
                    "scan_layers": self.scan_layers}
+    if not self.all_dense_mlp:
+      d["linjax"].update(mlp=list(self.mlp), mlp_rank=list(self.mlp_rank),
+                         mlp_blocks=list(self.mlp_blocks))
     return d
+
+  @property
+  def all_dense_mlp(self) -> bool:
+    return all(k == "dense" for k in self.mlp)
 
   @property
   def all_softmax(self) -> bool:
@@ -268,7 +288,7 @@ class LlamaDecoderLayer(nnx.Module):
     self.self_attn = build_mixer(config.mixers[layer_idx], config, layer_idx, rngs=rngs,
                                  **config.layer_mixer_kwargs(layer_idx))
     self.post_attention_layernorm = RMSNorm(config.hidden_size, **kw)
-    self.mlp = LlamaMLP(config, rngs=rngs)
+    self.mlp = build_mlp(config, layer_idx, rngs=rngs)
 
   def __call__(self, x, *, positions, segment_ids=None, cache=None, trace=None):
     h = self.input_layernorm(x)

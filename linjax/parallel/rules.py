@@ -8,7 +8,7 @@ axes of `linjax.parallel.mesh` (MaxText's `logical_axis_rules`, big_vision's
   embed -> fsdp         (parameters: ZeRO-3 style sharding of the model dimension)
   vocab, heads, kv_heads, mlp -> tensor   (Megatron-style tensor parallelism)
   batch -> (data, fsdp) (activations)     seq -> seq (activations: sequence parallelism)
-  norm, heads_small, head_dim, ... -> replicated
+  norm, heads_small, head_dim, mlp_rank, mlp_blocks, ... -> replicated
 
 A mesh axis is used at most once per array (the first logical axis that asks for it wins:
 activations ("batch", "seq", "embed") -> (("data", "fsdp"), "seq", None)), and a dimension
@@ -36,6 +36,8 @@ DEFAULT_RULES = (
     ("kv", None),
     ("layers", None),
     ("lora", None),
+    ("mlp_rank", None),     # the inner dimension of a low-rank FFN factor (structured_mlp)
+    ("mlp_blocks", None),   # the block axis of a block-diagonal FFN factor
 )
 
 BATCH_AXES = ("data", "fsdp")

@@ -1,0 +1,319 @@
+"""Structured FFNs (linjax.layers.structured_mlp, linjax.compress) against independent
+references: the dense LlamaMLP with the factors multiplied by hand, explicit index loops for
+the block shuffle, the HF torch model for the SVD path, and reloaded checkpoints."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import linjax
+from linjax.layers import structured_mlp as sm
+from linjax.layers.mlp import LlamaMLP
+from linjax.models.llama import Llama, LlamaConfig, UnsupportedConfigError
+from tests.helpers import assert_rel, rel_err
+
+H, M = 24, 40
+
+
+def tiny(**kw):
+  base = dict(vocab_size=64, hidden_size=H, intermediate_size=M, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+  base.update(kw)
+  return LlamaConfig(**base)
+
+
+def _x(shape=(2, 7, H), seed=0):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _dense_mlp_with(cfg, kernels):
+  """A LlamaMLP whose kernels are set by hand (the independent reference)."""
+  ref = LlamaMLP(cfg, rngs=nnx.Rngs(0))
+  for p, w in kernels.items():
+    getattr(ref, p).kernel[...] = jnp.asarray(w, jnp.float32)
+  return ref
+
+
+def test_lowrank_full_rank_equals_dense_mlp():
+  cfg = tiny(mlp="lowrank", mlp_rank=1.0)
+  assert cfg.mlp_rank == (H, H)
+  mlp = sm.StructuredMLP(cfg, 0, rngs=nnx.Rngs(1))
+  # random factors, the dense reference gets their product computed here
+  rng = np.random.RandomState(0)
+  kernels = {}
+  for p in ("gate_proj", "up_proj", "down_proj"):
+    lin = getattr(mlp, p)
+    v = rng.randn(*lin.v.kernel.shape) * 0.3
+    u = rng.randn(*lin.u.kernel.shape) * 0.3
+    lin.v.kernel[...], lin.u.kernel[...] = jnp.asarray(v, jnp.float32), jnp.asarray(u, jnp.float32)
+    kernels[p] = v @ u
+  ref = _dense_mlp_with(cfg.replace(mlp="dense", mlp_rank=None), kernels)
+  x = _x()
+  assert_rel(ref(x), mlp(x), 1e-5, "lowrank MLP vs dense MLP of V @ U")
+
+
+def test_svd_of_dense_mlp_at_full_rank_equals_it():
+  cfg = tiny()
+  dense = LlamaMLP(cfg, rngs=nnx.Rngs(2))
+  for p in ("gate_proj", "up_proj", "down_proj"):
+    w = np.asarray(getattr(dense, p).kernel[...])
+    v, u, err, _ = sm.lowrank_project(w, min(H, M))
+    assert err < 1e-6
+    assert_rel(w, v @ u, 1e-6, p)
+
+
+def _block_shuffle_by_loops(w1, w2, n_in, n_out):
+  """The dense matrix of BlockShuffle written index by index from the paper's definition:
+  z[a*q + c] = sum_j x[a*p + j] w1[a, j, c]; the k*q features read as an [r, l] grid
+  (f = rho*l + lam) feed block lam of w2; y[sigma*l + lam] = sum_rho z[rho*l + lam] w2[lam, rho, sigma]."""
+  k, p, q = w1.shape
+  l, r, s = w2.shape
+  w = np.zeros((n_in, n_out))
+  for a in range(k):
+    for j in range(p):
+      for lam in range(l):
+        for rho in range(r):
+          f = rho * l + lam
+          if f // q != a:
+            continue
+          for sig in range(s):
+            w[a * p + j, sig * l + lam] += w1[a, j, f % q] * w2[lam, rho, sig]
+  return w
+
+
+@pytest.mark.parametrize("n_in,n_out,nb", [(24, 40, 4), (40, 24, 4), (24, 40, 2), (24, 24, 3)])
+def test_block_shuffle_matches_index_loops_and_projection_is_exact(n_in, n_out, nb):
+  lin = sm.BlockShuffleLinear(n_in, n_out, nb, ("embed", "mlp"), rngs=nnx.Rngs(0))
+  rng = np.random.RandomState(1)
+  w1 = rng.randn(*lin.v.kernel.shape)
+  w2 = rng.randn(*lin.u.kernel.shape)
+  lin.v.kernel[...], lin.u.kernel[...] = jnp.asarray(w1, jnp.float32), jnp.asarray(w2, jnp.float32)
+  ref = _block_shuffle_by_loops(w1, w2, n_in, n_out)
+  x = np.asarray(_x((5, n_in)))
+  assert_rel(x @ ref, lin(jnp.asarray(x)), 1e-5, "BlockShuffle forward vs index loops")
+  assert_rel(ref, lin.to_dense(), 1e-5, "to_dense")
+  # a matrix that is a BlockShuffle is recovered by the projection (to float64 rounding)
+  v, u, err = sm.block_shuffle_project(ref, nb)
+  assert err < 1e-10
+  assert_rel(ref, _block_shuffle_by_loops(v, u, n_in, n_out), 1e-10, "projection")
+  # and a generic matrix is fit no worse than by the random structured matrix above
+  g = rng.randn(n_in, n_out)
+  _, _, e = sm.block_shuffle_project(g, nb)
+  scale = np.sum(g * ref) / np.sum(ref * ref)
+  assert e <= rel_err(g, scale * ref) + 1e-9
+
+
+def test_block_with_one_block_equals_dense():
+  lin = sm.BlockShuffleLinear(H, M, 1, ("embed", "mlp"), rngs=nnx.Rngs(0))
+  w = np.random.RandomState(2).randn(H, M)
+  v, u, err = sm.block_shuffle_project(w, 1)
+  assert err < 1e-10
+  lin.v.kernel[...], lin.u.kernel[...] = jnp.asarray(v, jnp.float32), jnp.asarray(u, jnp.float32)
+  x = _x((3, H))
+  assert_rel(np.asarray(x) @ w, lin(x), 1e-5, "block nb=1 vs dense")
+
+
+def test_blockdense_forward_equals_its_matrices():
+  lin = sm.BlockDenseLinear(H, M, 12, 3, ("embed", "mlp"), rngs=nnx.Rngs(0))
+  k = np.asarray(lin.v.kernel[...])                      # [3, 8, 4]
+  bd = np.zeros((H, 12))
+  for a in range(3):
+    bd[a * 8:(a + 1) * 8, a * 4:(a + 1) * 4] = k[a]
+  x = _x((3, H))
+  assert_rel(np.asarray(x) @ bd @ np.asarray(lin.u.kernel[...]), lin(x), 1e-5, "blockdense")
+
+
+def test_param_counts_match_the_modules():
+  for kind, kw in [("lowrank", dict(rank=8)), ("block", dict(blocks=4)),
+                   ("blockdense", dict(rank=8, blocks=4)), ("dense", {})]:
+    cfg = tiny(mlp=kind, mlp_rank=kw.get("rank"), mlp_blocks=kw.get("blocks"))
+    mlp = sm.build_mlp(cfg, 0, rngs=nnx.Rngs(0))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(mlp, nnx.Param)))
+    assert n == sm.mlp_param_count(kind, H, M, **kw), kind
+
+
+# ----------------------------------------------------------------- the SVD path on HF models
+
+@pytest.mark.parametrize("name", ["gqa_llama3_bias", "mha_tied_linear"])
+def test_svd_init_of_hf_llama_reproduces_torch_logits_at_full_rank(name):
+  from tests.test_llama_common import hf_model, linjax_model, tokens, torch_logits
+  model = linjax_model(name)
+  toks = tokens(length=33)
+  ref = torch_logits(hf_model(name), toks)
+  small, report = linjax.compress_ffn(model, rank_fraction=1.0)
+  assert small.config.mlp == ("lowrank",) * 2
+  assert all(e < 1e-6 for r in report["layers"] for e in r["rel_error"].values())
+  assert_rel(ref, small(jnp.asarray(toks))[0], 1e-5, "full-rank SVD model vs torch")
+  blk, _ = linjax.compress_ffn(model, kind="block", blocks=1)
+  assert_rel(ref, blk(jnp.asarray(toks))[0], 1e-5, "one-block model vs torch")
+  # the input model is untouched
+  assert model.config.mlp == ("dense", "dense")
+
+
+def test_reported_errors_equal_a_recomputation_from_the_weights():
+  from tests.test_llama_common import linjax_model
+  model = linjax_model("gqa_llama3_bias")
+  for kw in (dict(rank=20), dict(kind="block", blocks=4)):
+    small, report = linjax.compress_ffn(model, **kw)
+    for row in report["layers"]:
+      i = row["layer"]
+      for p, e in row["rel_error"].items():
+        w = np.asarray(getattr(model.layers[i].mlp, p).kernel[...], np.float64)
+        w_r = np.asarray(getattr(small.layers[i].mlp, p).to_dense(), np.float64)
+        assert abs(rel_err(w, w_r) - e) < 1e-5, (kw, i, p)
+        assert 0.05 < e < 1.0
+  # the truncated SVD beats a random rank-20 factorisation fit by least squares
+  w = np.asarray(model.layers[0].mlp.up_proj.kernel[...], np.float64)
+  q = np.linalg.qr(np.random.RandomState(0).randn(w.shape[0], 20))[0]
+  assert report and rel_err(w, q @ (q.T @ w)) > linjax.compress_ffn(model, rank=20)[1][
+      "layers"][0]["rel_error"]["up_proj"]
+
+
+def test_allocate_by_error_moves_rank_to_the_harder_layer():
+  cfg = tiny(hidden_size=32, intermediate_size=48)
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.RandomState(0)
+  for p in ("gate_proj", "up_proj", "down_proj"):   # layer 0 is rank 4, layer 1 full rank
+    lin0, lin1 = getattr(model.layers[0].mlp, p), getattr(model.layers[1].mlp, p)
+    shp = lin0.kernel.shape
+    lin0.kernel[...] = jnp.asarray(rng.randn(shp[0], 4) @ rng.randn(4, shp[1]), jnp.float32)
+    lin1.kernel[...] = jnp.asarray(rng.randn(*shp), jnp.float32)
+  small, report = linjax.compress_ffn(model, rank=12, allocate="error", rank_step=4)
+  ranks = [r["rank"] for r in report["layers"]]
+  assert sum(ranks) == 24 and ranks[0] == 4 and ranks[1] == 20, ranks
+  errs = [max(r["rel_error"].values()) for r in report["layers"]]
+  assert errs[0] < 1e-5                               # rank 4 covers layer 0 exactly
+  uni = linjax.compress_ffn(model, rank=12)[1]["layers"][1]["rel_error"]
+  assert max(report["layers"][1]["rel_error"].values()) < min(uni.values())
+
+
+def test_merge_ffn_is_exact_and_dense():
+  from tests.test_llama_common import linjax_model, tokens
+  model = linjax_model("mha_tied_linear")            # has MLP biases
+  toks = jnp.asarray(tokens(length=21))
+  for kw in (dict(rank=16), dict(kind="block", blocks=2)):
+    small, _ = linjax.compress_ffn(model, **kw)
+    merged = linjax.merge_ffn(small)
+    assert merged.config.all_dense_mlp
+    assert_rel(small(toks)[0], merged(toks)[0], 1e-5, f"merge_ffn {kw}")
+
+
+def test_compress_some_layers_and_scan_layers():
+  from tests.test_llama_common import linjax_model, tokens
+  model = linjax_model("gqa_llama3_bias")
+  part, rep = linjax.compress_ffn(model, rank=16, layers=[1])
+  assert part.config.mlp == ("dense", "lowrank") and [r["layer"] for r in rep["layers"]] == [1]
+  toks = jnp.asarray(tokens(length=17))
+  np.testing.assert_array_equal(np.asarray(part.layers[0].mlp.gate_proj.kernel[...]),
+                                np.asarray(model.layers[0].mlp.gate_proj.kernel[...]))
+  small, _ = linjax.compress_ffn(model, rank=16)
+  loop = small(toks)[0]
+  small.config.scan_layers = True
+  assert_rel(loop, small(toks)[0], 1e-5, "scan_layers vs loop")
+
+
+# ----------------------------------------------------------------- checkpoints, export, LoRA
+
+def test_save_load_round_trip(tmp_path):
+  from linjax.convert import save_linjax
+  cfg = tiny(num_hidden_layers=3, mlp=("lowrank", "block", "blockdense"), mlp_rank=(0.5, None, 8),
+             mlp_blocks=(None, 4, 4), mlp_bias=True)
+  model = Llama(cfg, rngs=nnx.Rngs(3))
+  toks = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 13)), jnp.int32)
+  save_linjax(model, tmp_path / "ck")
+  back, _ = linjax.from_pretrained(tmp_path / "ck", tokenizer=False)
+  assert back.config.mlp == cfg.mlp and back.config.mlp_rank == (12, None, 8)
+  assert back.config.mlp_blocks == (None, 4, 4)
+  np.testing.assert_array_equal(np.asarray(model(toks)[0]), np.asarray(back(toks)[0]))
+
+
+def test_hf_export_refuses_structured_and_exports_merged(tmp_path):
+  from tests.test_llama_common import hf_model, linjax_model, tokens, torch_logits
+  model = linjax_model("gqa_llama3_bias")
+  small, _ = linjax.compress_ffn(model, rank=16)
+  with pytest.raises(linjax.convert.UnsupportedExportError, match="merge_ffn"):
+    linjax.save_pretrained(small, tmp_path / "hf")
+  assert not os.path.exists(tmp_path / "hf")
+  linjax.save_pretrained(linjax.merge_ffn(small), tmp_path / "hf")
+  import transformers
+  back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  toks = tokens(length=19)
+  assert_rel(np.asarray(small(jnp.asarray(toks))[0]), torch_logits(back, toks), 1e-5,
+             "exported merged model in torch")
+  del hf_model
+
+
+def test_structured_config_on_a_dense_checkpoint_names_the_field():
+  from tests.test_llama_common import saved_hf_dir
+  with pytest.raises(UnsupportedConfigError, match="'mlp'.*compress_ffn"):
+    linjax.from_pretrained(saved_hf_dir("gqa_llama3_bias"), tokenizer=False, mlp="lowrank",
+                           mlp_rank=8)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(mlp="lowrank", mlp_rank=25), "mlp_rank"),          # > min(hidden, intermediate)
+    (dict(mlp="lowrank", mlp_rank=0), "mlp_rank"),
+    (dict(mlp="lowrank", mlp_rank=1.5), "mlp_rank"),
+    (dict(mlp="lowrank"), "mlp_rank"),
+    (dict(mlp="lowrank", mlp_rank=(4, 4, 4)), "mlp_rank"),    # 3 entries for 2 layers
+    (dict(mlp="block", mlp_blocks=5), "mlp_blocks"),
+    (dict(mlp="block"), "mlp_blocks"),
+    (dict(mlp="blockdense", mlp_rank=10, mlp_blocks=4), "mlp_blocks"),   # 4 does not divide 10
+    (dict(mlp="sparse"), "mlp"),
+])
+def test_bad_configs_name_the_field(kw, field):
+  with pytest.raises(UnsupportedConfigError, match=f"'{field}'"):
+    tiny(**kw)
+
+
+def test_compress_ffn_bad_arguments():
+  model = Llama(tiny(), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="'rank'.*larger than"):
+    linjax.compress_ffn(model, rank=25)
+  with pytest.raises(ValueError, match="exactly one of"):
+    linjax.compress_ffn(model, rank=4, rank_fraction=0.5)
+  with pytest.raises(ValueError, match="blockdense"):
+    linjax.compress_ffn(model, kind="blockdense", rank=8, blocks=2)
+  with pytest.raises(ValueError, match="'blocks'"):
+    linjax.compress_ffn(model, kind="block", blocks=7)
+  small, _ = linjax.compress_ffn(model, rank=4)
+  with pytest.raises(ValueError, match="already structured"):
+    linjax.compress_ffn(small, rank=2)
+
+
+def test_lora_on_lowrank_factors_and_refusal_on_blocks():
+  from linjax.layers.lora import LoRALinear, apply_lora, merge_lora
+  model = Llama(tiny(mlp="lowrank", mlp_rank=8), rngs=nnx.Rngs(0))
+  toks = jnp.asarray(np.arange(12).reshape(2, 6) % 64, jnp.int32)
+  before = np.asarray(model(toks)[0])
+  done = apply_lora(model, rank=2, targets=sm.lora_targets(("q_proj", "gate_proj")),
+                    rngs=nnx.Rngs(1))
+  assert "layers.0.mlp.gate_proj.u" in done and "layers.0.mlp.gate_proj.v" in done
+  assert isinstance(model.layers[1].mlp.gate_proj.v, LoRALinear)
+  np.testing.assert_allclose(before, np.asarray(model(toks)[0]), rtol=1e-6)   # B = 0
+  lin = model.layers[0].mlp.gate_proj.u
+  lin.lora_b[...] = jnp.ones_like(lin.lora_b[...]) * 0.1
+  after = np.asarray(model(toks)[0])
+  merge_lora(model)
+  assert not isinstance(model.layers[0].mlp.gate_proj.u, LoRALinear)
+  np.testing.assert_allclose(after, np.asarray(model(toks)[0]), rtol=1e-5, atol=1e-6)
+  blk = Llama(tiny(mlp="block", mlp_blocks=2), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="2-D kernel"):
+    apply_lora(blk, rank=2, targets=sm.lora_targets(("gate_proj",)))
+
+
+def test_logical_axes_of_the_factors():
+  from jax.sharding import PartitionSpec as P
+  from linjax.parallel.rules import param_specs
+  model = Llama(tiny(mlp="lowrank", mlp_rank=8), rngs=nnx.Rngs(0))
+  flat = dict(nnx.to_flat_state(param_specs(model)))
+  spec = lambda *p: flat[("layers", 0, "mlp") + p].get_value()
+  assert spec("gate_proj", "v", "kernel") == P("fsdp", None)      # embed x mlp_rank
+  assert spec("gate_proj", "u", "kernel") == P(None, "tensor")    # mlp_rank x mlp
+  assert spec("down_proj", "v", "kernel") == P("tensor", None)
+  assert spec("down_proj", "u", "kernel") == P(None, "fsdp")
