@@ -14,6 +14,9 @@ _LAZY = {
     "LlamaConfig": ("linjax.models.llama", "LlamaConfig"),
     "compress_ffn": ("linjax.compress", "compress_ffn"),
     "merge_ffn": ("linjax.compress", "merge_ffn"),
+    "RecurrentTransformer": ("linjax.models.recurrent_transformer", "RecurrentTransformer"),
+    "RecurrentTransformerConfig": ("linjax.models.recurrent_transformer",
+                                   "RecurrentTransformerConfig"),
 }
 
 

@@ -28,6 +28,7 @@ from linjax.convert.hf_export import UnsupportedExportError, save_peft_adapter  
 from linjax.convert.sources import (GGUFSource, SafetensorsSource, TorchSource,
                                     UnsupportedFormatError, find_hf_weight_files,
                                     gguf_hf_config)
+from linjax.models import native_model_class
 from linjax.models.llama import Llama, LlamaConfig, UnsupportedConfigError
 
 
@@ -346,8 +347,10 @@ def save_linjax(model: Llama, out_dir, *, tokenizer=None):
   import orbax.checkpoint as ocp
   out_dir = os.path.abspath(os.fspath(out_dir))
   os.makedirs(out_dir, exist_ok=True)
+  cfg = model.config
+  native = hf_export.native_config(cfg) if isinstance(cfg, LlamaConfig) else cfg.to_hf()
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_export.native_config(model.config), f, indent=2)
+    json.dump(native, f, indent=2)
   state = nnx.state(model)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(out_dir, "state"), state, force=True)
@@ -362,9 +365,14 @@ def load_linjax(path, *, shardings=None, **config_overrides):
   import orbax.checkpoint as ocp
   path = os.path.abspath(os.fspath(path))
   from linjax.convert.sources import read_json
-  hf = hf_export.as_llama_hf(read_json(os.path.join(path, "config.json"), "config"))
-  cfg = LlamaConfig.from_hf(hf, **config_overrides)
-  graphdef, abstract = abstract_model(cfg)
+  hf = read_json(os.path.join(path, "config.json"), "config")
+  other = native_model_class(hf.get("model_type"))   # a linjax model that is not a Llama
+  if other is not None:
+    cfg = other.config_class.from_hf(hf, **config_overrides)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: other(cfg, rngs=nnx.Rngs(0))))
+  else:
+    cfg = LlamaConfig.from_hf(hf_export.as_llama_hf(hf), **config_overrides)
+    graphdef, abstract = abstract_model(cfg)
   flat = dict(nnx.to_flat_state(abstract))
   for p, var in flat.items():
     sh = _sharding_for(shardings, p, var)
