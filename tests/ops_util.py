@@ -78,6 +78,25 @@ def run_with_grads(fn, inputs, do, dS, **kw):
   return go({n: inputs[n] for n in names})
 
 
+def assert_per_row(ref, out, tol, what, floor=None):
+  """Every row (the last axis: one token's output per head, one row of a state) within `tol`
+  of its own norm, plus `floor` (default: tol) times the rms row norm: a zeroed, shifted or
+  swapped token fails even when the global relative error of a long sequence hides it."""
+  ref = np.asarray(ref, np.float64)
+  out = np.asarray(out, np.float64)
+  assert ref.shape == out.shape, (what, ref.shape, out.shape)
+  assert np.isfinite(out).all(), f"{what}: non-finite values"
+  rn = np.linalg.norm(ref, axis=-1)
+  err = np.linalg.norm(ref - out, axis=-1)
+  allowed = tol * rn + (tol if floor is None else floor) * np.sqrt(np.mean(rn ** 2))
+  bad = err > allowed
+  if bad.any():
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} rows off, first at index "
+                         f"{idx}: error {err[idx]:.3e} > allowed {allowed[idx]:.3e} (row norm "
+                         f"{rn[idx]:.3e})")
+
+
 def compare(ref, out, tol, tag):
   """ref/out: (o, S, grads). Asserts every relative error <= tol; records the maxima."""
   errs = {"o": rel_err(ref[0], out[0]), "S": rel_err(ref[1], out[1])}

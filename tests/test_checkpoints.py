@@ -259,7 +259,8 @@ def test_resume_config_names_the_fields_that_change_the_computation():
   with pytest.raises(ResumeConfigError, match=r"optim.grad_accum: \(absent\) -> 1"):
     check_resume_config(d, _cfg())
   # tuples and lists are the same value (JSON has no tuples)
-  assert check_resume_config(json.dumps(_cfg()), _cfg(**{"lora.targets": ["q_proj", "k_proj"]})) == []
+  same = _cfg(**{"lora.targets": ["q_proj", "k_proj"]})
+  assert check_resume_config(json.dumps(_cfg()), same) == []
 
 
 # ----------------------------------------------------------------------------- metrics rows

@@ -12,8 +12,9 @@ import pytest
 from linjax import ops
 from linjax.ops import reference
 from tests.helpers import assert_rel, load_fla_naive, rel_err
-from tests.ops_util import (BF16_TOL, F32, FP32_TOL, case, compare, make_inputs,
-                            check_segment_id_errors, check_segment_ids, run_with_grads)
+from tests.ops_util import (BF16_TOL, F32, FP32_TOL, assert_per_row, case, compare,
+                            make_inputs, check_segment_id_errors, check_segment_ids,
+                            run_with_grads)
 
 METHODS = ("recurrent", "parallel", "chunk", "assoc_scan")
 GATES = (None, "head", "channel")
@@ -72,18 +73,28 @@ def test_bf16_inputs(method, gate):
 
 @pytest.mark.parametrize("gate", ["head", "channel"])
 def test_long_bf16_strong_gates(gate):
-  """T = 32768, bf16, log gates down to -10 per step: finite and within 2e-2 of fp32."""
+  """T = 32768, bf16, log gates down to -10 per step: finite and within 2e-2 of fp32, for the
+  whole sequence, every token's output (a zeroed or shifted token fails), every row of the
+  state at the middle and at the end."""
   T, H, K, V = 32768, 1, 16, 16
   inp = make_inputs(7, 1, T, H, K, V, gate=gate, strength="strong")
   ref_o, ref_S = jax.jit(functools.partial(reference.gla, output_final_state=True))(**inp)
   bf = {n: (x.astype(jnp.bfloat16) if n in "qkv" else x) for n, x in inp.items()}
-  o, S = jax.jit(functools.partial(ops.gla, method="chunk", output_final_state=True))(**bf)
+  run = jax.jit(functools.partial(ops.gla, method="chunk", output_final_state=True))
+  o, S = run(**bf)
   assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(S)).all()
-  ref_o32, ref_S32 = jax.jit(functools.partial(reference.gla, output_final_state=True))(
-      **{n: (None if x is None else x.astype(F32)) for n, x in bf.items()})
+  bf32 = {n: (None if x is None else x.astype(F32)) for n, x in bf.items()}
+  ref_o32, ref_S32 = jax.jit(functools.partial(reference.gla, output_final_state=True))(**bf32)
   assert_rel(ref_o32, o, BF16_TOL, "o vs fp32 ref (same rounded inputs)")
   assert_rel(ref_o, o, BF16_TOL, "o vs fp32 ref")
   assert_rel(ref_S, S, BF16_TOL, "final state vs fp32 ref")
+  assert_per_row(ref_o32, o, BF16_TOL, "per-token o vs fp32 ref (same rounded inputs)")
+  assert_per_row(ref_S32, S, BF16_TOL, "final state rows vs fp32 ref")
+  half = {n: (x if n == "initial_state" or x is None else x[:, :T // 2]) for n, x in bf.items()}
+  _, S_mid = run(**half)
+  _, ref_mid = jax.jit(functools.partial(reference.gla, output_final_state=True))(
+      **{n: (None if x is None else x.astype(F32)) for n, x in half.items()})
+  assert_per_row(ref_mid, S_mid, BF16_TOL, "state rows at T/2 vs fp32 ref")
 
 
 @pytest.mark.parametrize("method", METHODS)
