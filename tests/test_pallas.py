@@ -115,15 +115,16 @@ def _delta_fns(C, backend, cu_seqlens=None, interpret=FAST, form="auto", segment
 
 # ------------------------------------------------------------------------------ GLA family
 
-@pytest.mark.parametrize("kind", ["none", pytest.param("scalar", marks=pytest.mark.slow),
-                                  "channel"])
+@pytest.mark.parametrize("kind", [pytest.param("none", marks=pytest.mark.slow),
+                                  pytest.param("scalar", marks=pytest.mark.slow), "channel"])
 def test_gla_fp32_odd_length_headdim60(kind):
   # V = 100 -> 128 padded: fp32 on the GPU structure runs the parallel kernels in 2 V tiles.
   args = _inputs(0, 2, 75, 2, 60, 100, jnp.float32, kind)
   _compare(*_gla_fns(16, "gpu"), args, F32_TOL, F32_TOL)
 
 
-@pytest.mark.parametrize("kind", [pytest.param("scalar", marks=pytest.mark.slow), "channel"])
+@pytest.mark.slow  # default: the TPU structure in test_tpu_several_chunks_per_step (NaN check)
+@pytest.mark.parametrize("kind", ["scalar", "channel"])
 def test_gla_tpu_structure_nan_check(kind):
   args = _inputs(1, 1, 50, 2, 60, 48, jnp.float32, kind)
   _compare(*_gla_fns(16, "tpu", interpret=NAN_CHECK), args, F32_TOL, F32_TOL)
@@ -134,7 +135,7 @@ def test_gla_bf16_headdim128():
   _compare(*_gla_fns(32, "gpu", interpret=NAN_CHECK), args, BF16_TOL, BF16_TOL)
 
 
-@pytest.mark.parametrize("kind", ["scalar", "channel"])
+@pytest.mark.parametrize("kind", [pytest.param("scalar", marks=pytest.mark.slow), "channel"])
 def test_gla_strong_gates(kind):
   args = _inputs(3, 1, 40, 2, 32, 32, jnp.float32, kind, strength="strong")
   _compare(*_gla_fns(16, "gpu"), args, F32_TOL, F32_TOL, dg_tol=STRONG_DG_TOL)
