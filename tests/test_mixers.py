@@ -161,11 +161,9 @@ def test_distill_mode_returns_teacher_and_sows_loss():
 
 # ReLU-kinked maps (DPFP, T2R) are left out: a finite difference of a few thousand ReLU
 # pre-activations crosses kinks at any step size that f32 resolves.
-# Chunk mode (training) for all by default, quadratic (distillation) for the hybrids; the
-# rest under `make test-slow`.
-FD_CASES = [pytest.param(m[0], m[1], method, id=f"{i}-{method}",
-                         marks=() if method == "chunk" or m[0] in ("lolcats", "liger")
-                         else pytest.mark.slow)
+# All under `make test-slow`: the per-leaf test below checks every leaf (and the input) on
+# its own in the default run, which this one random direction over all of them implies.
+FD_CASES = [pytest.param(m[0], m[1], method, id=f"{i}-{method}", marks=pytest.mark.slow)
             for m, i in zip(MIXERS, IDS) if "dpfp" not in i and "t2r" not in i
             for method in ("parallel", "chunk")]
 
@@ -300,3 +298,59 @@ def test_pallas_method_matches_chunk_in_a_llama(name, kw):
   assert_rel(lc, lp, 1e-5, f"{name} logits pallas vs chunk")
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gc)[0], jax.tree.leaves(gp)):
     assert_rel(a, b, 1e-4, f"{name} grad {jax.tree_util.keystr(path)}")
+
+
+# Every parameter leaf on its own: a random direction per leaf (and one for the input), the
+# autodiff directional derivative against a central finite difference of the forward along
+# that leaf alone, so a zeroed or sign-flipped gradient of any single leaf fails. Projections
+# are drawn large enough that attention is far from uniform, GLA's gate bias starts at 0 (at
+# its init of 4 the gates are saturated and their gradient is below the f32 noise of a
+# finite difference), and T = 21 gives tk LoLCATs a linear block. The ReLU-kinked maps are in:
+# at this step (1e-3 of each leaf's scale) too few pre-activations cross a kink to matter.
+LEAF_FD = [pytest.param(*m[:2], "chunk", id=f"{i}-chunk") for m, i in zip(MIXERS, IDS)] + [
+    pytest.param("lolcats", dict(window=8, variant="sw"), "parallel", id="lolcats-sw-parallel"),
+    pytest.param("lolcats", dict(window=8, variant="tk"), "parallel", id="lolcats-tk-parallel")]
+
+
+@pytest.mark.parametrize("name,kw,method", LEAF_FD)
+def test_every_parameter_leaf_gradient_matches_finite_differences(name, kw, method):
+  m = make_mixer(name, kw, method=method)
+  rng = np.random.default_rng(0)
+  for lin in (m.q_proj, m.k_proj, m.v_proj, m.o_proj):
+    lin.kernel[...] = jnp.asarray(rng.normal(0, 0.15, lin.kernel.shape), jnp.float32)
+  if hasattr(m, "gk_b"):
+    m.gk_b[...] = jnp.asarray(rng.normal(0, 0.3, m.gk_b.shape), jnp.float32)
+  T = 21
+  x, pos = inputs(B=1, T=T)
+  w = jax.random.normal(jax.random.PRNGKey(5), (1, T, 48))
+  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+  def loss(leaves, x):
+    p = jax.tree.unflatten(jax.tree.structure(params), leaves)
+    y, _ = nnx.merge(graphdef, p, rest)(x, positions=pos)
+    return (y * w).sum()
+
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [jax.tree_util.keystr(p) for p, _ in flat] + ["input x"]
+  leaves = [a for _, a in flat]
+  keys = jax.random.split(jax.random.PRNGKey(6), len(leaves) + 1)
+  dirs = [jax.random.normal(k, a.shape) * (jnp.sqrt((a ** 2).mean()) + 0.1)
+          for a, k in zip(leaves, keys)] + [0.3 * jax.random.normal(keys[-1], x.shape)]
+  gl, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(leaves, x)
+  f = jax.jit(loss)
+  base = abs(float(f(leaves, x)))
+  eps = 1e-3
+  floor = 5e-4 * base + 1e-6        # the f32 noise of the difference quotient at this step
+  bad = []
+  for j, (name_j, d, g) in enumerate(zip(names, dirs, list(gl) + [gx])):
+    auto = float((g * d).sum())
+    def at(s):
+      if j == len(leaves):
+        return f(leaves, x + s * d)
+      return f([a + s * d if i == j else a for i, a in enumerate(leaves)], x)
+    fd = (float(at(eps)) - float(at(-eps))) / (2 * eps)
+    # the leaf must move the loss measurably, or a zeroed gradient could not be told apart
+    assert abs(fd) >= 3 * floor, f"{name} {name_j}: |d loss| {abs(fd):.2e} is in the noise"
+    if abs(auto - fd) > 3e-2 * abs(fd) + floor:
+      bad.append(f"{name_j}: autodiff {auto:.5g} vs finite difference {fd:.5g}")
+  assert not bad, f"{name} ({method}): " + "; ".join(bad)
