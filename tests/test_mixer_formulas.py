@@ -354,17 +354,17 @@ CASES = {
     "linear-t2r-retnet-groupnorm": (
         "linear", dict(feature_map="t2r", decay="retnet", normalize="groupnorm"),
         lambda m, x, p: ref_linear(m, x, p, "t2r", "groupnorm", "before",
-                                   retnet_log_gamma(3), THETA)),
+                                   retnet_log_gamma(HEADS), THETA)),
     "linear-hedgehog-alibi": (
         "linear", dict(feature_map="hedgehog", decay="alibi"),
         lambda m, x, p: ref_linear(m, x, p, "hedgehog", "denominator", "before",
-                                   -np.asarray(alibi_slopes(3)), THETA)),
+                                   -np.asarray(alibi_slopes(HEADS)), THETA)),
     "retention": ("retention", {},
                   lambda m, x, p: ref_linear(m, x, p, "identity", "groupnorm", "before",
-                                             retnet_log_gamma(3), THETA)),
+                                             retnet_log_gamma(HEADS), THETA)),
     "lightning": ("lightning", {},
                   lambda m, x, p: ref_linear(m, x, p, "identity", "groupnorm", "before",
-                                             lightning_log_gamma(3, 1, 4), THETA)),
+                                             lightning_log_gamma(HEADS, 1, 4), THETA)),
     "gla": ("gla", {}, lambda m, x, p: ref_gla(m, x, p, THETA)),
     "deltanet": ("deltanet", {}, lambda m, x, p: ref_deltanet(m, x, p, THETA, False, False)),
     "deltanet-neg_eigval": ("deltanet", dict(allow_neg_eigval=True),
@@ -372,6 +372,7 @@ CASES = {
     "gated_deltanet": ("gated_deltanet", {},
                        lambda m, x, p: ref_deltanet(m, x, p, THETA, False, True)),
     "supra": ("supra", {}, lambda m, x, p: ref_supra(m, x, p, THETA)),
+    "supra-mha": ("supra", {}, lambda m, x, p: ref_supra(m, x, p, THETA)),   # q, k share W
     "lolcats-sw": ("lolcats", dict(window=8, variant="sw"),
                    lambda m, x, p: ref_lolcats(m, x, p, THETA, 8, "sw", 0)),
     "lolcats-tk": ("lolcats", dict(window=8, variant="tk"),
@@ -384,10 +385,14 @@ CASES = {
 }
 
 
-def build(name, kw, method="chunk", seed=0):
-  """The mixer in layer 1 of 4 (lightning's slopes depend on depth), with projections large
-  enough that attention is far from uniform and every learned map moved off its init."""
-  cfg = tiny_config(num_hidden_layers=4)
+HEADS = 6     # 6 query heads over 2 kv heads: GQA order, and ALiBi's non-power-of-2 slopes
+
+
+def build(name, kw, method="chunk", seed=0, kv_heads=2):
+  """The mixer in layer 1 of 4 (lightning's slopes depend on depth), 6 query heads over 2 kv
+  heads, with projections large enough that attention is far from uniform and every learned
+  map moved off its init."""
+  cfg = tiny_config(num_hidden_layers=4, num_attention_heads=HEADS, num_key_value_heads=kv_heads)
   m = get_mixer(name)(cfg, 1, rngs=nnx.Rngs(seed), method=method, **kw)
   rng = np.random.default_rng(seed)
   for lin in (m.q_proj, m.k_proj, m.v_proj, m.o_proj):
@@ -409,7 +414,7 @@ def inputs(T, seed=1):
 def test_mixer_matches_its_published_formula(case):
   name, kw, ref = CASES[case]
   T = 32 if "tk" in case else 21                 # tk: a multiple of the window (see above)
-  m = build(name, kw)
+  m = build(name, kw, kv_heads=HEADS if case.endswith("-mha") else 2)
   x, pos = inputs(T)
   want = ref(m, x, pos)
   # chunk: the training path; the hybrids' T x T form (attention transfer) too. The other
