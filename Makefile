@@ -19,9 +19,10 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
-# Main job: linearize the embedded SmolLM2-135M on the embedded corpus (CPU, ~15 min).
+# Main job: linearize the embedded SmolLM2-135M on the embedded corpus (CPU, ~15 min), as a
+# config of the one training loop (resumes if killed; results in workdir/demo).
 demo: $(STAMP)
-	$(BIN)/python -m linjax.demo
+	$(BIN)/python -m linjax.train --config experiments/lolcats_smollm2.py:demo --workdir workdir/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(N) -m "not slow and not gpu and not tpu" --timeout 900

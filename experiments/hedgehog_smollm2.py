@@ -1,28 +1,47 @@
-"""Hedgehog on SmolLM2-135M: pure linear attention with Hedgehog feature maps (no window),
-trained by attention-weight cross-entropy distillation (teacher-forced, feature maps only),
-then LoRA r=8, alpha=16 on q, k, v, o with cross-entropy.
+"""Hedgehog on SmolLM2-135M-Instruct: pure linear attention with Hedgehog feature maps (no
+window), trained by attention-weight cross-entropy (teacher-forced, feature maps only), then
+fine-tuned with LoRA.
 
-    python -m linjax.linearize.run experiments/hedgehog_smollm2.py:cpu
-    python -m linjax.linearize.run experiments/hedgehog_smollm2.py:gpu
+    python -m linjax.train --config experiments/hedgehog_smollm2.py:paper_15m --workdir runs/hedgehog_paper_15m
+    python -m linjax.train --config experiments/hedgehog_smollm2.py:linjax_15m --workdir runs/hedgehog_linjax_15m
+
+  recipe "paper": Hedgehog's two steps: attention distillation of the feature maps by the
+    cross-entropy between softmax and linear attention weights (Adam lr 1e-2), then LoRA r=8
+    (alpha 16) on q, k, v, o with next-token cross-entropy (lr 1e-4).
+  recipe "linjax": attention transfer by the head-output MSE (cheaper: no T x T student
+    weights) and the second stage distilling the teacher's next-token distribution (KL).
+  budget "15m" / "60m" / "gpu": as experiments/lolcats_smollm2.py.
 """
-import ml_collections
+from ml_collections import ConfigDict
+
+from linjax.train.config import base_config, stage, stages
+
+BUDGETS = {"15m": (240, 360), "60m": (900, 2400), "gpu": (60, 300)}
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def get_config(arg=None):
-  arg = arg or "cpu"
-  gpu = arg == "gpu"
-  c = ml_collections.ConfigDict()
-  c.name = f"hedgehog_smollm2_{arg}"
-  c.mixer = "linear"
-  c.mixer_kwargs = {"feature_map": "hedgehog"}
-  c.seq_len = 512
-  c.seed = 0
-  c.eval_windows = 6
-  c.stage1 = ml_collections.ConfigDict(dict(
-      steps=300 if gpu else 150, batch_size=8 if gpu else 1, lr=1e-2, kind="xent",
-      inner_steps=2, time_budget=20 if gpu else 360))
-  c.stage2 = ml_collections.ConfigDict(dict(
-      steps=600 if gpu else 100, batch_size=8 if gpu else 1, lr=1e-3, trainable="lora",
-      lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-      warmup=0, time_budget=30 if gpu else 300))
+def get_config(arg: str = "linjax_15m"):
+  recipe, _, budget = arg.partition("_")
+  if recipe not in ("paper", "linjax") or budget not in BUDGETS:
+    raise ValueError(f"unknown arg {arg!r}: <paper|linjax>_<{'|'.join(BUDGETS)}>")
+  t1, t2 = BUDGETS[budget]
+  bs = 8 if budget == "gpu" else 1
+  c = base_config()
+  c.model.source = "smollm2"
+  c.model.scan_layers = True
+  c.linearize = ConfigDict({"mixer": "linear", "feature_map": "hedgehog"})
+  paper = recipe == "paper"
+  c.stages = stages(
+      transfer=stage(steps=100000, time_budget_s=t1, trainable="feature_maps",
+                     objective={"attention_xent": 1.0} if paper else {"attention_mse": 1.0},
+                     transfer_scale=1.0 if paper else 1000.0, seq_len=512, batch_size=bs,
+                     optim={"lr": 1e-2, "schedule": "constant", "weight_decay": 0.0},
+                     log_every=5, ckpt_every=50),
+      finetune=stage(steps=100000, time_budget_s=t2, trainable="lora",
+                     objective={"ce": 1.0, "kl": 0.0} if paper else {"kl": 1.0, "ce": 0.0},
+                     seq_len=512, batch_size=bs, lora={"rank": 8, "alpha": 16.0, "targets": QKVO},
+                     optim={"lr": 1e-4 if paper else 1e-3, "schedule": "cosine",
+                            "weight_decay": 0.0},
+                     eval_every=25, eval_rows=4, keep_best=not paper, log_every=5,
+                     ckpt_every=25))
   return c

@@ -10,9 +10,9 @@ The quickest end-to-end check of the training stack: no download, no pretrained 
 Args: "cpu" (2-layer d=64 model, 300 steps of 8 x 128 bytes, a few minutes on 2 cores),
 "smoke" (2 steps), "lora" (the cpu run training only LoRA adapters on attention),
 "gpu" (4-layer d=256 model, 2000 steps of 32 x 512 bytes, bf16 compute).
-Any field can be overridden, e.g. `--config.optim.lr=1e-3 --config.mesh.data=2`.
+Any field can be overridden, e.g. `--config.stages.train.optim.lr=1e-3 --config.mesh.data=2`.
 """
-from linjax.train.config import base_config, tiny_llama_dict
+from linjax.train.config import base_config, stage, stages, tiny_llama_dict
 
 ARGS = ("cpu", "smoke", "lora", "gpu")
 
@@ -23,23 +23,14 @@ def get_config(arg: str = "cpu"):
   config = base_config()
   config.model.source = "tiny"
   config.data.tokenizer = "byte"
-  config.data.seq_len = 128
-  config.data.batch_size = 8
-  config.steps = 300
-  config.log_every = 10
-  config.eval_every = 100
-  config.optim.lr = 3e-3
-  config.optim.warmup_steps = 20
-  config.ckpt.every = 100
+  st = stage(steps=300, seq_len=128, batch_size=8, log_every=10, eval_every=100,
+             ckpt_every=100, optim={"lr": 3e-3, "warmup_steps": 20})
   if arg == "smoke":
-    config.steps = 2
-    config.eval_every = 0
+    st.steps, st.eval_every, st.eval_rows = 2, 0, 2
     config.data.max_rows = 64
-    config.data.eval_rows = 2
   if arg == "lora":
-    config.trainable = "lora"
-    config.lora.rank = 4
-    config.lora.alpha = 8.0
+    st.trainable = "lora"
+    st.lora.rank, st.lora.alpha = 4, 8.0
   if arg == "gpu":
     tiny = tiny_llama_dict()
     tiny.update(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -47,11 +38,8 @@ def get_config(arg: str = "cpu"):
     config.model.tiny = tiny
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
-    config.data.seq_len = 512
-    config.data.batch_size = 32
-    config.steps = 2000
-    config.eval_every = 500
-    config.ckpt.every = 500
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 100
+    st.seq_len, st.batch_size, st.steps = 512, 32, 2000
+    st.eval_every = st.ckpt_every = 500
+    st.optim.lr, st.optim.warmup_steps = 1e-3, 100
+  config.stages = stages(train=st)
   return config

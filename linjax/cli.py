@@ -47,6 +47,9 @@ def _generate(args):
   if tok is None:
     print(f"error: no tokenizer found with {args.model}", file=sys.stderr)
     return 2
+  if args.method or args.attention_method:
+    from linjax.linearize import set_method
+    model = set_method(model, args.method, softmax=args.attention_method)
   prompts = args.prompt
   if args.chat and getattr(tok, "chat_template", None):
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -87,6 +90,11 @@ def _parser():
   g.add_argument("--top-p", type=float, default=1.0)
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--dtype", default=None)
+  g.add_argument("--method", default=None,
+                 help="linear / hybrid mixers' method: auto, pallas, chunk, assoc_scan, "
+                      "parallel, recurrent (default: as saved)")
+  g.add_argument("--attention-method", default=None,
+                 help="softmax layers' method: auto, chunk, cudnn, pallas, parallel")
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   g.add_argument("--echo", action="store_true", help="print the prompt first")
   sub.add_parser("train", help="linjax.train (absl flags: --config, --workdir)", add_help=False)

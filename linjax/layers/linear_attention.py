@@ -79,7 +79,7 @@ def group_norm(o, eps=1e-5):
   return (o - mu) * jax.lax.rsqrt(var + eps)
 
 
-class LinearMixerBase(QKVO):
+class LinearMixerBase(DistillMixin, QKVO):
   """Subclasses define `features(x, positions) -> (q~, k~, v, g, beta)` (k, v per query head)
   and set `feat_dim`."""
 
@@ -99,7 +99,10 @@ class LinearMixerBase(QKVO):
     if self.normalize == "denominator":
       return o[..., :-1] / (o[..., -1:] + self.eps)
     if self.normalize == "groupnorm":
-      return group_norm(o)
+      o = group_norm(o)
+      if getattr(self, "norm_scale", None) is not None:   # a per-head affine (SUPRA option)
+        o = o * self.norm_scale[...] + self.norm_bias[...]
+      return o
     if self.normalize == "rmsnorm":
       o = o * jax.lax.rsqrt((o * o).mean(-1, keepdims=True) + 1e-5)
       return o * self.o_norm[...].astype(jnp.float32)
@@ -149,17 +152,13 @@ class LinearMixerBase(QKVO):
                        output_final_state=True, method=self.method)
     return self.post(o.astype(jnp.float32)), {"state": S.astype(jnp.float32)}
 
-  def __call__(self, x, *, positions, segment_ids=None, cache=None):
-    o, cache = self.heads(x, positions=positions, segment_ids=segment_ids, cache=cache)
-    return self.out(o, x), cache
-
   def init_cache(self, batch_size, max_len=None, dtype=jnp.float32):
     V = self.head_dim + (1 if self.normalize == "denominator" else 0)
     return {"state": jnp.zeros((batch_size, self.num_heads, self.feat_dim, V), jnp.float32)}
 
 
 @register_mixer("linear")
-class LinearAttention(DistillMixin, LinearMixerBase):
+class LinearAttention(LinearMixerBase):
   """phi(q) [sum_s phi(k_s)^T v_s] / phi(q) . sum_s phi(k_s) with any feature map.
 
   kwargs: feature_map (one of `linjax.ops.feature_maps.KINDS`, default "hedgehog"),
@@ -212,10 +211,6 @@ class LinearAttention(DistillMixin, LinearMixerBase):
     y = jnp.einsum("bhij,bjhv->bihv", a, v.astype(jnp.float32))
     return self.post(y), a
 
-  def __call__(self, x, *, positions, segment_ids=None, cache=None):
-    if self.distill and cache is None:
-      return self._distill_call(x, positions, segment_ids), None
-    return super().__call__(x, positions=positions, segment_ids=segment_ids, cache=cache)
 
   def features(self, x, positions):
     q, k, v = self.project(x)

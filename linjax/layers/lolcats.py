@@ -13,6 +13,11 @@ shared denominator. Registered: "lolcats".
   choice (its code subtracts the window max and does not rescale the linear term), so y
   depends on m and m is differentiated.
 
+  `init_linear_factor` (a linjax option; None in the paper): both linear sums are multiplied
+  by a learned per-head factor l_h = max(linear_factors_h, 0) starting at that value; 0 makes
+  the layer exactly softmax attention over the window (and sinks) at step 0, so training
+  starts from the sliding-window baseline and can only add the linear part from there.
+
 Methods: "parallel" is the T x T form above (also the attention-transfer form); every other
 method runs the window part through `linjax.ops.attention` (blocked, O(T W); with its max and
 log-sum-exp) and the linear part through the `gla` op with the mixer's method: for "sw" the
@@ -45,8 +50,9 @@ VARIANTS = {"sw": "sliding", "tk": "blocks"}
 F32 = jnp.float32
 
 
-def lolcats_quadratic(q, k, fq, fk, v, wf, *, vis, win, scale):
-  """q, k [B,T,H,D] (rotary, k per query head); fq, fk [B,T,H,F]; v [B,T,H,V]; wf [H] in (0,1).
+def lolcats_quadratic(q, k, fq, fk, v, wf, *, vis, win, scale, lf=None):
+  """q, k [B,T,H,D] (rotary, k per query head); fq, fk [B,T,H,F]; v [B,T,H,V]; wf [H] in (0,1);
+  lf [H] >= 0 or None (the linear factor).
 
   vis / win: [B, T, T] causal-visible / window (sinks included) masks.
   Returns (y [B,T,H,V], weights [B,H,T,T])."""
@@ -57,15 +63,19 @@ def lolcats_quadratic(q, k, fq, fk, v, wf, *, vis, win, scale):
   m = s.max(-1, keepdims=True)   # differentiated: see the module docstring
   a_sm = jnp.where(win, jnp.exp(s - m), 0.0) * wf[None, :, None, None]
   a_ln = jnp.where(lin, jnp.einsum("bihf,bjhf->bhij", fq.astype(F32), fk.astype(F32)), 0.0)
+  if lf is not None:
+    a_ln = a_ln * lf[None, :, None, None]
   a = a_sm + a_ln
   den = a.sum(-1, keepdims=True)
   w = a / jnp.where(den > 0, den, 1.0)
   return jnp.einsum("bhij,bjhv->bihv", w, v.astype(F32)), w
 
 
-def combine(o_w, lse_w, m_w, lin, wf):
+def combine(o_w, lse_w, m_w, lin, wf, lf=None):
   """y from the window attention stats (o, lse, m [B,T,H]) and the linear part
-  lin [B, T, H, V + 1] (numerator | denominator)."""
+  lin [B, T, H, V + 1] (numerator | denominator), lf [H] the linear factor or None."""
+  if lf is not None:
+    lin = lin * lf[None, None, :, None]
   e = jnp.exp(lse_w - m_w) * wf[None, None, :]          # = w_h sum_win exp(s - m)
   num = o_w.astype(F32) * e[..., None] + lin[..., :-1]
   den = e + lin[..., -1]
@@ -82,7 +92,8 @@ def _aligned(x, u, size):
 class LolcatsAttention(DistillMixin, QKVO):
 
   def __init__(self, config, layer_idx, *, rngs, window=64, variant="sw",
-               feature_map="hedgehog", init_window_factor=0.1, num_sinks=0, method="auto"):
+               feature_map="hedgehog", init_window_factor=0.1, num_sinks=0,
+               init_linear_factor=None, method="auto"):
     super().__init__(config, rngs=rngs, method=method)
     if variant not in VARIANTS:
       raise ValueError(f"LoLCATs `variant` must be 'sw' or 'tk', got {variant!r}")
@@ -100,10 +111,19 @@ class LolcatsAttention(DistillMixin, QKVO):
     self.feat_dim = feature_dim(feature_map, self.head_dim)
     logit = math.log(init_window_factor) - math.log1p(-init_window_factor)
     self.window_factors = FeatureMapParam(jnp.full((self.num_heads,), logit, F32))
+    if init_linear_factor is not None and float(init_linear_factor) < 0:
+      raise ValueError(f"`init_linear_factor` must be None or >= 0, got {init_linear_factor}")
+    self.linear_factors = None if init_linear_factor is None else FeatureMapParam(
+        jnp.full((self.num_heads,), float(init_linear_factor), F32))
 
   # --- pieces ---------------------------------------------------------------------------
   def student_params(self):
-    return (self.feature_map_q.params(), self.feature_map_k.params(), self.window_factors[...])
+    lf = None if self.linear_factors is None else self.linear_factors[...]
+    return (self.feature_map_q.params(), self.feature_map_k.params(), self.window_factors[...], lf)
+
+  @staticmethod
+  def _lf(params):
+    return None if params[3] is None else jnp.maximum(params[3], 0.0)   # l_h >= 0
 
   def _phi(self, params, q, k):
     return self.feature_map_q.apply_with(params[0], q), self.feature_map_k.apply_with(params[1], k)
@@ -115,7 +135,8 @@ class LolcatsAttention(DistillMixin, QKVO):
   def student_quadratic(self, params, q, k, v, positions, vis):
     fq, fk = self._phi(params, q, k)
     return lolcats_quadratic(q, k, fq, fk, v, jax.nn.sigmoid(params[2]), vis=vis,
-                             win=self._win_mask(positions), scale=self.head_dim ** -0.5)
+                             win=self._win_mask(positions), scale=self.head_dim ** -0.5,
+                             lf=self._lf(params))
 
   def _window_method(self):
     # LoLCATs needs the window max m, which only the jnp forms return
@@ -192,7 +213,7 @@ class LolcatsAttention(DistillMixin, QKVO):
       lin, _ = self._lin_sw(fq, fk, vaug, seg)
     else:
       lin, _, _ = self._lin_tk(fq, fk, vaug, positions, jnp.ones(positions.shape, bool))
-    return combine(o_w, lse, m, lin, wf)
+    return combine(o_w, lse, m, lin, wf, self._lf(params))
 
   # --- decode / prefill -------------------------------------------------------------------
   def init_cache(self, batch_size, max_len=None, dtype=F32):
@@ -246,7 +267,7 @@ class LolcatsAttention(DistillMixin, QKVO):
       nblk = jnp.clip((end - base) // self.window, 0, cum.shape[1] - 1)
       S = S + jnp.take_along_axis(cum, nblk[:, None, None, None, None], 1)[:, 0]
       new_cache["state"], new_cache["lin_end"] = S, end
-    return combine(o_w, lse, m, lin, wf), new_cache
+    return combine(o_w, lse, m, lin, wf, self._lf(params)), new_cache
 
   # --- entry points -----------------------------------------------------------------------
   def heads(self, x, *, positions, segment_ids=None, cache=None):
@@ -275,8 +296,3 @@ class LolcatsAttention(DistillMixin, QKVO):
       return sw(o), None
     return self._full(params, q, k, v, positions, segment_ids), None
 
-  def __call__(self, x, *, positions, segment_ids=None, cache=None):
-    if self.distill and cache is None:
-      return self._distill_call(x, positions, segment_ids), None
-    o, cache = self.heads(x, positions=positions, segment_ids=segment_ids, cache=cache)
-    return self.out(o, x), cache

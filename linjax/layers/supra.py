@@ -4,6 +4,11 @@
     under MHA, one each under GQA; W = I, b = 0 at init), a fixed per-head decay (ALiBi
     slopes by default), GroupNorm over each head's output instead of the softmax
     denominator. Registered: "supra".
+
+    `norm_affine=True` (a linjax option): the GroupNorm gets a per-head, per-channel affine
+    (`norm_scale`, `norm_bias`, FeatureMapParams starting at 1 and 0) that
+    `linjax.linearize.calibrate` fits to the teacher's attention outputs (SUPRA's plain
+    GroupNorm leaves its outputs 1-21x the teacher's RMS at init on SmolLM2).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from linjax.layers.params import FeatureMapParam
 class Supra(LinearMixerBase):
   normalize = "groupnorm"
 
-  def __init__(self, config, layer_idx, *, rngs, decay="alibi", method="auto"):
+  def __init__(self, config, layer_idx, *, rngs, decay="alibi", norm_affine=False,
+               method="auto"):
     super().__init__(config, rngs=rngs, method=method)
     H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
     self.feat_dim = D
@@ -30,6 +36,8 @@ class Supra(LinearMixerBase):
     if not self.tied:
       self.phi_k_w = FeatureMapParam(jnp.eye(Hkv * D, dtype=jnp.float32))
       self.phi_k_b = FeatureMapParam(jnp.zeros((Hkv * D,), jnp.float32))
+    self.norm_scale = FeatureMapParam(jnp.ones((H, D), jnp.float32)) if norm_affine else None
+    self.norm_bias = FeatureMapParam(jnp.zeros((H, D), jnp.float32)) if norm_affine else None
     self.decay = decay
     self.log_decay = tuple(float(a) for a in decay_log(decay, H, layer_idx,
                                                         config.num_hidden_layers))

@@ -94,12 +94,14 @@ def linear_mixers(model):
           if getattr(l.self_attn, "mixer_name", "softmax") not in SOFTMAX]
 
 
-def set_method(model, method: str, *, softmax: str | None = None):
-  """Set `method` on every linear / hybrid mixer (and, with `softmax=`, the attention method
-  of the softmax layers); recorded in `model.config.mixer_kwargs`. Returns the model."""
+def set_method(model, method: str | None, *, softmax: str | None = None):
+  """Set `method` on every linear / hybrid mixer (None: leave them) and, with `softmax=`, the
+  attention method of the softmax layers; recorded in `model.config.mixer_kwargs`. Returns
+  the model."""
   from linjax.layers.base import check_method
   from linjax.ops.softmax import ATTENTION_METHODS
-  check_method(method)
+  if method is not None:
+    check_method(method)
   if softmax is not None and softmax not in ATTENTION_METHODS:
     raise ValueError(f"softmax attention method must be one of {ATTENTION_METHODS}, got "
                      f"{softmax!r}")

@@ -1,42 +1,43 @@
-"""Distillation losses registered into the trainer's registry (`config.loss.name`).
+"""The linearization objectives that look inside the model (the training loop combines them
+with the output objectives of `linjax.train.objectives`):
 
-  attention_transfer  (kind="mse" | "xent", loss_scale=1000)   LoLCATs stage 1 / Hedgehog:
-      per-layer loss between the softmax teacher and the linear student of every linearized
-      layer, on teacher-forced hidden states; train with `trainable = FeatureMapParam`.
-  hedgehog            attention_transfer with kind="xent" (attention-weight cross-entropy).
+  attention_transfer(model, batch, kind)   per-layer attention transfer, teacher-forced: every
+      distillable linearized layer sees the teacher's hidden states (its mixer returns the
+      softmax output in distill mode, `linjax.layers.distill`) and contributes one loss,
+      "mse" between the softmax and the student head outputs before o_proj (LoLCATs
+      stage 1) or "xent" between attention weights (Hedgehog). Returns the per-layer losses.
+  hidden_mse(student, teacher, batch)      mean squared error of the residual stream after
+      every layer (and before the last norm), student vs teacher, over the real tokens.
 
-Both put the model's linear mixers in distill mode for the call and restore the
-previous settings afterwards, so the model's structure is unchanged between steps.
+`model` must be in distill mode (`linjax.linearize.set_distill`) for attention_transfer.
 """
 from __future__ import annotations
 
-from linjax.linearize import linear_mixers
-from linjax.linearize.recipes import transfer_losses
-from linjax.train.losses import register_loss
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
 
-def _transfer(model, batch, kind, loss_scale):
-  mixers = [m for m in linear_mixers(model) if hasattr(m, "distill")]
-  saved = [m.distill for m in mixers]
-  try:
-    for m in mixers:
-      m.distill = kind
-    losses = transfer_losses(model, batch["input_ids"], batch.get("positions"),
-                             batch.get("segment_ids"))
-  finally:
-    for m, d in zip(mixers, saved):
-      m.distill = d
-  mean = losses.mean()
-  return loss_scale * mean, {"transfer_loss": mean, "transfer_loss_max": losses.max()}
+def attention_transfer(model, batch):
+  """Per-layer transfer losses [L] of a model in distill mode on a packed batch."""
+  model(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+  leaves = jax.tree.leaves(nnx.pop(model, nnx.Intermediate))
+  if not leaves:
+    raise ValueError("no layer sowed a transfer loss: the model has no linearized layer in "
+                     "distill mode (linjax.linearize.set_distill) with a mixer that supports "
+                     "attention transfer")
+  return jnp.stack([jnp.asarray(l, jnp.float32).reshape(()) for l in leaves])
 
 
-@register_loss("attention_transfer")
-def attention_transfer(model, batch, rng, kind: str = "mse", loss_scale: float = 1000.0):
-  del rng
-  return _transfer(model, batch, kind, loss_scale)
-
-
-@register_loss("hedgehog")
-def hedgehog(model, batch, rng, loss_scale: float = 1.0):
-  del rng
-  return _transfer(model, batch, "xent", loss_scale)
+def hidden_mse(student, teacher, batch):
+  """Mean over layers and real tokens of the squared error of the residual stream."""
+  kw = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+  hs = student.hidden_states(batch["input_ids"], **kw)
+  ht = teacher.hidden_states(batch["input_ids"], **kw)
+  seg = batch.get("segment_ids")
+  w = jnp.ones(batch["input_ids"].shape, jnp.float32) if seg is None else (seg > 0).astype(jnp.float32)
+  errs = []
+  for a, b in zip(hs["layer_inputs"][1:] + [hs["final"]], ht["layer_inputs"][1:] + [ht["final"]]):
+    e = ((a.astype(jnp.float32) - jax.lax.stop_gradient(b).astype(jnp.float32)) ** 2).mean(-1)
+    errs.append((e * w).sum() / jnp.maximum(w.sum(), 1.0))
+  return jnp.stack(errs).mean()

@@ -15,8 +15,9 @@ Methods (`method=`, one of ATTENTION_METHODS):
             kernel on GPU (full causal, packed rows); no sinks.
   auto      by the platform being compiled for (`jax.lax.platform_dependent`, so an export
             for another platform gets that platform's path): GPU cudnn where it applies, else
-            pallas (full causal), else chunk; TPU pallas (no sinks) else chunk; CPU parallel
-            for full attention up to PARALLEL_MAX_T tokens, chunk for windows and beyond.
+            pallas (full causal), else chunk; TPU pallas (no sinks) else chunk; CPU chunk
+            (faster than the masked form from T = 512 on, full or windowed, forward and
+            backward: benchmarks/results/attention_cpu.md).
             Calls that only the parallel form supports (S != T, an extra `mask`, separate kv
             segment ids) take it; stats and block windows take the jnp forms.
 
@@ -33,7 +34,6 @@ from linjax.ops._checks import check_rank, check_same
 from linjax.ops.softmax_blocked import NEG, blocked_attention
 
 ATTENTION_METHODS = ("auto", "parallel", "chunk", "cudnn", "pallas")
-PARALLEL_MAX_T = 1024   # CPU `auto`: the masked form is faster up to here (see module doc)
 
 
 WINDOW_KINDS = ("sliding", "blocks")
@@ -158,7 +158,7 @@ def method_for_platform(platform, method, *, q, T, S, window, num_sinks, segment
     return "cudnn" if cudnn_ok else "pallas" if pallas_ok else "chunk"
   if platform == "tpu":
     return "pallas" if pallas_ok else "chunk"
-  return "parallel" if T <= PARALLEL_MAX_T and window is None else "chunk"
+  return "chunk"
 
 
 def _run(method, platform, q, k, v, q_positions, kv_positions, segment_ids, kv_segment_ids,

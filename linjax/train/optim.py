@@ -1,17 +1,23 @@
-"""Optimizers and trainable-parameter filters from `config.optim` / `config.trainable`.
+"""Optimizers and trainable-parameter filters from a stage's `optim` / `trainable`.
 
-  tx, schedule = make_optimizer(config.optim, total_steps)
+  tx = make_optimizer(stage.optim)
   wrt = trainable_filter("lora+feature_maps")
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)      # frozen params get no state, no update
+  rate = learning_rate(stage.optim, step, progress)  # set each step: set_learning_rate(...)
 
-AdamW (decoupled weight decay on >= 2-D params only), global-norm clipping, and a schedule:
-"constant" (after linear warmup), "cosine" (warmup then cosine decay to `min_lr_ratio * lr`)
-or "plateau" (warmup-constant times `optax.contrib.reduce_on_plateau`, which scales the
-updates down by `plateau.factor` when the training loss stops improving for `patience`
-steps; the trainer passes the loss as `value=`). Gradient accumulation is done by the train
-step (`optim.grad_accum` micro-batches, one update), so a step is always one update.
+AdamW (decoupled weight decay on >= 2-D params only) behind global-norm clipping, its learning
+rate injected (`optax.inject_hyperparams`) and set every step from `learning_rate`: linear
+warmup over `warmup_steps`, then "constant", "cosine" (from lr down to min_lr_ratio * lr as
+the stage's progress goes 0 -> 1, progress being the largest of steps / step budget, tokens /
+token budget and seconds / time budget, so a time-limited stage still decays fully) or
+"plateau" (constant, times `optax.contrib.reduce_on_plateau`, which scales the updates down by
+`plateau.factor` when the training loss stops improving for `patience` steps; the train step
+passes the loss as `value=`). Gradient accumulation is done by the train step, so a step is
+always one update.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import optax
@@ -35,37 +41,41 @@ def trainable_filter(trainable: str):
   return filters[0] if len(filters) == 1 else nnx.Any(*filters)
 
 
-def lr_schedule(cfg, total_steps: int):
+def learning_rate(cfg, step: int, progress: float) -> float:
+  """The rate at `step` (0-based) with the stage `progress` in [0, 1] (see module docstring)."""
   lr, warm = float(cfg.lr), int(cfg.warmup_steps)
+  if step < warm:
+    return lr * (step + 1) / warm
   if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0 if warm else lr, lr, warmup_steps=warm, decay_steps=max(total_steps, warm + 1),
-        end_value=lr * float(cfg.min_lr_ratio))
-  if warm:
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
-  return optax.constant_schedule(lr)
+    end = float(cfg.min_lr_ratio)
+    p = min(max(progress, 0.0), 1.0)
+    return lr * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * p)))
+  return lr
 
 
 def _decay_mask(params):
   return jax.tree.map(lambda x: getattr(x, "ndim", 0) >= 2, params)
 
 
-def make_optimizer(cfg, total_steps: int):
-  """(optax transformation, learning-rate schedule) for `config.optim`."""
-  schedule = lr_schedule(cfg, total_steps)
-  parts = []
-  if cfg.clip_norm and float(cfg.clip_norm) > 0:
-    parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
-  parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
-                           weight_decay=float(cfg.weight_decay), mask=_decay_mask))
+def make_optimizer(cfg):
+  """The optax transformation of a stage's `optim` (the rate is set per step)."""
+  parts = [optax.clip_by_global_norm(float(cfg.clip_norm)) if float(cfg.clip_norm) > 0
+           else optax.identity(),
+           optax.inject_hyperparams(optax.adamw)(
+               learning_rate=float(cfg.lr), b1=float(cfg.b1), b2=float(cfg.b2),
+               eps=float(cfg.eps), weight_decay=float(cfg.weight_decay), mask=_decay_mask)]
   if cfg.schedule == "plateau":
     p = cfg.plateau
     parts.append(optax.contrib.reduce_on_plateau(
         factor=float(p.factor), patience=int(p.patience), cooldown=int(p.cooldown),
         rtol=float(p.rtol), accumulation_size=int(p.accumulation_size),
         min_scale=float(p.min_scale)))
-  return optax.chain(*parts), schedule
+  return optax.chain(*parts)
+
+
+def set_learning_rate(optimizer, rate):
+  """Set the injected AdamW rate of an `nnx.Optimizer` built from `make_optimizer`."""
+  optimizer.opt_state[1].hyperparams["learning_rate"][...] = rate
 
 
 def plateau_scale(opt_state) -> float | None:

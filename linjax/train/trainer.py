@@ -1,21 +1,37 @@
-"""`train(config, workdir) -> summary`: the one training loop behind every recipe.
+"""`train(config, workdir) -> summary`: the one training loop; every recipe is a config of it.
 
   from linjax.train import train
   summary = train(config, "/tmp/run")      # config: ConfigDict or dict (see train/config.py)
 
-Order of work: validate the config (unknown fields, missing paths) -> build the mesh ->
-tokenizer -> model (init_from | source), then linearize, then LoRA -> data -> optimizer on
-the trainable filter -> restore the latest checkpoint in `workdir/checkpoints` if any ->
-jit-compiled steps with explicit shardings -> periodic eval / checkpoints -> export.
+Order of work: validate the config -> mesh -> tokenizer -> model (init_from | source), the
+teacher kept frozen when an objective needs it, then linearize and the method -> data -> the
+stages in order -> export -> held-out evaluation.
 
-Resuming is automatic: the same command on the same workdir continues from the last
-complete checkpoint (model, optimizer, step, data position, RNG key) and produces the same
-parameters as an uninterrupted run. A non-finite loss raises `NonFiniteLossError` naming
-the step; checkpoints written before it stay.
+A stage (`linjax.train.stage`): apply LoRA if it trains LoRA, build the optimizer over its
+trainable filter, and take jit-compiled steps of its objective until its step / token / time
+budget is used; validation every `eval_every` steps (the best step kept when `keep_best`),
+checkpoints every `ckpt_every`, metrics to TensorBoard, `metrics.jsonl` and a loss PNG.
+At its end: back to the best validation step (keep_best), LoRA merged (merge_after), the
+model saved as the stage's final state and the stage marked done. Layout:
+
+  workdir/config.json                      the resolved config (a resume compares with it)
+  workdir/stages/<i>_<name>/checkpoints/   orbax: model, optimizer, meta (step, data
+                                           position, tokens, elapsed seconds, best)
+  workdir/stages/<i>_<name>/best/          the best validation step (keep_best)
+  workdir/stages/<i>_<name>/final/, DONE   the stage's end state; its summary
+  workdir/stages/<i>_<name>/metrics.jsonl, tensorboard/, loss_curve.png
+  workdir/model/                           the exported model (`linjax.from_pretrained`)
+  workdir/summary.json, loss_curve.png     every stage, and the held-out evaluation
+
+Resuming is automatic: the same command on the same workdir skips the finished stages
+(restoring their final state) and continues the current one from its last complete
+checkpoint, with the same data order and RNG, so step- and token-budgeted runs end with the
+same parameters as an uninterrupted run (a time budget resumes with the time that was left).
+A non-finite loss raises `NonFiniteLossError` naming the stage and step.
 """
 from __future__ import annotations
 
-import importlib.util
+import json
 import math
 import os
 import signal
@@ -24,14 +40,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from linjax.data import pipeline
 from linjax.train import checkpoints as ckpt_lib
-from linjax.train import data as data_lib
-from linjax.train import losses as losses_lib
+from linjax.train import objectives as obj_lib
 from linjax.train import optim as optim_lib
-from linjax.train.config import ConfigError, resolve, trainable_parts
+from linjax.train.config import (ConfigError, computation_differences, debug_at,
+                                 ordered_stages, resolve, trainable_parts)
 from linjax.train.metrics import MetricsWriter
 
 
@@ -39,60 +55,25 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
+def _MARKER():
+  """The optimizer item of a model-only checkpoint (the stage's final / best state)."""
+  return nnx.State({"marker": jnp.zeros((), jnp.int32)})
+
+
 # ---------------------------------------------------------------------------------------------
-# Model, tokenizer
+# Model, teacher, tokenizer
 
 def tokenizer_name(cfg) -> str:
   tok = cfg.data.tokenizer
   if tok != "auto":
     return tok
   src = cfg.model.source
-  if src == "tiny":
-    return "byte"
-  if src == "smollm2":
-    return "smollm2"
-  return src
+  return {"tiny": "byte", "smollm2": "smollm2"}.get(src, src)
 
 
 def _model_overrides(cfg) -> dict:
-  return {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat") if cfg.model[k] is not None}
-
-
-def _find_run_checkpoint(path: str):
-  """(checkpoints dir, step or None) when `path` is a run's workdir, its checkpoints/ dir or
-  one step dir in it; None otherwise."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None
-  name, parent = os.path.basename(path), os.path.dirname(path)
-  if name.isdigit() and os.path.isdir(os.path.join(path, "meta")):
-    return parent, int(name)
-  if any(d.isdigit() for d in os.listdir(path)):
-    return path, None
-  return None
-
-
-def _load_from_run(path: str, mesh):
-  """The model of a previous run's checkpoint: rebuilt from the config saved with it (its own
-  source / init_from, linearize, LoRA), then its saved weights restored, LoRA merged."""
-  import json
-  from linjax.layers.lora import lora_modules, merge_lora
-  ckdir, step = _find_run_checkpoint(path)
-  ck = ckpt_lib.Checkpointer(ckdir, async_save=False)
-  try:
-    step = ck.latest_step() if step is None else step
-    if step is None:
-      raise ConfigError(f"config field 'init_from': no complete checkpoint in {ckdir}")
-    prev = resolve(json.loads(ck.read_meta(step)["config"]))
-    model = prepare_model(prev, mesh)
-    flt = (nnx.Any(optim_lib.trainable_filter(prev.trainable), nnx.Not(nnx.Param))
-           if prev.ckpt.trainable_only else ...)
-    nnx.update(model, ck.restore_model(step, nnx.state(model, flt)))
-  finally:
-    ck.close()
-  if lora_modules(model):
-    merge_lora(model)
-  return model
+  return {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")
+          if cfg.model[k] is not None}
 
 
 def _sharding_fn(mesh):
@@ -108,59 +89,71 @@ def _sharding_fn(mesh):
   return f
 
 
+def _load_path(path, cfg, mesh):
+  import linjax
+  from linjax.data.tokenizers import smollm2_gguf_path
+  if path == "smollm2":
+    path = smollm2_gguf_path()
+  model, _ = linjax.from_pretrained(path, tokenizer=False, shardings=_sharding_fn(mesh),
+                                    **_model_overrides(cfg))
+  return model
+
+
 def load_model(cfg, mesh):
-  """The model named by `config.init_from` or `config.model`, its parameters sharded on `mesh`."""
+  """The model named by `config.init_from` or `config.model`, sharded on `mesh`."""
   from linjax.parallel.rules import create_sharded
-  over = _model_overrides(cfg)
   if cfg.init_from:
     path = cfg.init_from
-    if os.path.isdir(os.path.join(path, "model")) and not os.path.exists(
-        os.path.join(path, "config.json")):
-      path = os.path.join(path, "model")          # a workdir with an exported model
-    elif not os.path.exists(os.path.join(path, "config.json")) and _find_run_checkpoint(path):
-      return _load_from_run(path, mesh)          # a workdir / checkpoint without an export
-  else:
-    path = cfg.model.source
-  if path != "tiny":
-    import linjax
-    if path == "smollm2":
-      path = data_lib.smollm2_gguf_path()
-    model, _ = linjax.from_pretrained(path, tokenizer=False, shardings=_sharding_fn(mesh),
-                                      **over)
-    return model
+    if os.path.isdir(os.path.join(path, "stages")) and os.path.isdir(os.path.join(path, "model")):
+      path = os.path.join(path, "model")          # a run's workdir: the model it exported
+    return _load_path(path, cfg, mesh)
+  if cfg.model.source != "tiny":
+    return _load_path(cfg.model.source, cfg, mesh)
   from linjax.models.llama import Llama, LlamaConfig
-  lc = LlamaConfig(**{**cfg.model.tiny.to_dict(), **over})
+  lc = LlamaConfig(**{**cfg.model.tiny.to_dict(), **_model_overrides(cfg)})
   return create_sharded(lambda: Llama(lc, rngs=nnx.Rngs(params=cfg.seed)), mesh)
 
 
-def prepare_model(cfg, mesh):
-  """load -> linearize (if configured) -> LoRA (if trained); returns the model."""
-  model = load_model(cfg, mesh)
-  if cfg.linearize is not None:
-    if importlib.util.find_spec("linjax.linearize") is None:
-      raise ConfigError("config field 'linearize' is set but linjax.linearize is not available")
-    from linjax.linearize import linearize
-    kw = cfg.linearize.to_dict() if hasattr(cfg.linearize, "to_dict") else dict(cfg.linearize)
-    out = linearize(model, **kw)
-    model = out if isinstance(out, nnx.Module) else model
-  if "lora" in trainable_parts(cfg.trainable):
-    from linjax.layers.lora import apply_lora
-    apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-               targets=tuple(cfg.lora.targets),
-               rngs=nnx.Rngs(params=cfg.seed + 1, dropout=cfg.seed + 2))
-  # Reshard everything (new linearization / LoRA params included) onto the mesh.
+def _reshard(model, mesh):
   from linjax.parallel.rules import param_shardings
   state = nnx.state(model)
   nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
   return model
 
 
+def prepare_models(cfg, mesh, objectives):
+  """(student, teacher or None): load, keep the teacher if needed, linearize, set methods."""
+  from linjax.linearize import linearize, set_method
+  model = load_model(cfg, mesh)
+  needs_teacher = (any(o.needs_teacher for o in objectives) or cfg.eval.suite != "none"
+                   or int(cfg.calibrate.tokens) > 0 or int(cfg.data.teacher_text.tokens) > 0)
+  teacher = None
+  if needs_teacher and cfg.teacher == "auto":
+    # its own buffers: the student's are donated to the train step, the teacher's are not
+    teacher = nnx.clone(model)
+    nnx.update(teacher, jax.tree.map(jnp.copy, nnx.state(teacher)))
+  elif needs_teacher and cfg.teacher:
+    teacher = _load_path(cfg.teacher, cfg, mesh)
+  elif any(o.needs_teacher for o in objectives):
+    raise ConfigError("an objective needs a teacher (kl / hidden_mse) but config field "
+                      "'teacher' is None")
+  if cfg.linearize is not None:
+    kw = cfg.linearize.to_dict() if hasattr(cfg.linearize, "to_dict") else dict(cfg.linearize)
+    try:
+      model = linearize(model, **kw)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config field 'linearize': {e}") from None
+  if cfg.model.method is not None or cfg.model.attention_method is not None:
+    model = set_method(model, cfg.model.method, softmax=cfg.model.attention_method)
+  return _reshard(model, mesh), teacher
+
+
 def export_model(model, directory: str, tokenizer=None) -> str:
   """The trained model as a linjax model folder (LoRA merged), loadable by `from_pretrained`."""
+  from linjax.convert import save_linjax
   from linjax.layers.lora import lora_modules, merge_lora
   if lora_modules(model):
     merge_lora(model)
-  from linjax.convert import save_linjax
   tok = tokenizer if hasattr(tokenizer, "save_pretrained") else None
   return save_linjax(model, directory, tokenizer=tok)
 
@@ -168,40 +161,70 @@ def export_model(model, directory: str, tokenizer=None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Data
 
-def load_data(cfg, tokenizer):
-  cache = {}
+class Data:
+  """Packed train / validation rows per sequence length, built on first use."""
 
-  def packed(split):
-    docs = data_lib.load_documents(cfg.data, split)
-    ids = data_lib.tokenize(docs, tokenizer, num_proc=cfg.data.num_proc)
-    max_rows = cfg.data.max_rows if split == "train" else None
-    return data_lib.pack(ids, cfg.data.seq_len, max_rows=max_rows)
+  def __init__(self, cfg, tokenizer, teacher=None):
+    self.cfg, self.tokenizer, self.teacher = cfg, tokenizer, teacher
+    self._ids, self._packed = {}, {}
 
-  cache["train"] = packed("train")
-  try:
-    cache["eval"] = packed("eval")
-  except ValueError:   # held-out split too small for one row
-    cache["eval"] = None
-  return cache["train"], cache["eval"]
+  def _tokenized(self, split):
+    if split not in self._ids:
+      docs = pipeline.load_documents(self.cfg.data, split)
+      tt = self.cfg.data.teacher_text
+      if split == "train" and int(tt.tokens) > 0:
+        docs = self._with_teacher_text(docs, tt)
+      self._ids[split] = pipeline.tokenize(docs, self.tokenizer, num_proc=self.cfg.data.num_proc)
+    return self._ids[split]
+
+  def _with_teacher_text(self, docs, tt):
+    import datasets
+    from linjax.data.teacher_text import generate_corpus
+    if self.teacher is None:
+      raise ConfigError("config field 'data.teacher_text.tokens' > 0 needs a teacher "
+                        "(config field 'teacher')")
+    key = f"{self.cfg.model.source}|{self.cfg.init_from}|{tokenizer_name(self.cfg)}"
+    gen = generate_corpus(self.teacher, self.tokenizer, n_tokens=int(tt.tokens), cache_key=key,
+                          seed=int(tt.seed), prompt_tokens=int(tt.prompt_tokens),
+                          new_tokens=int(tt.new_tokens), temperature=float(tt.temperature),
+                          top_p=float(tt.top_p), batch_size=int(tt.batch_size),
+                          progress=bool(self.cfg.progress))
+    extra = datasets.Dataset.from_dict({"text": [d["text"] for d in gen]})
+    return datasets.concatenate_datasets([docs, extra])
+
+  def rows(self, split, seq_len):
+    key = (split, seq_len)
+    if key not in self._packed:
+      max_rows = self.cfg.data.max_rows if split == "train" else None
+      try:
+        self._packed[key] = pipeline.pack(self._tokenized(split), seq_len, max_rows=max_rows)
+      except ValueError:
+        if split == "train":
+          raise
+        self._packed[key] = None      # held-out split too small for one row
+    return self._packed[key]
 
 
 # ---------------------------------------------------------------------------------------------
 # Steps
 
-def make_train_step(graphdef, wrt, cfg, schedule, state_sh, batch_sh):
-  loss_kw = {k: v for k, v in cfg.loss.to_dict().items() if k != "name"}
-  loss_impl = losses_lib.get_loss(cfg.loss.name)
-  accum = int(cfg.optim.grad_accum)
-  nan_step = int(cfg.debug_nan_at_step)
-  plateau = cfg.optim.schedule == "plateau"
+def make_train_step(graphdef, distill_gdef, teacher_gdef, wrt, objective, *, accum, plateau,
+                    state_sh, batch_sh, teacher_sh=None, nan_step=-1):
+  """jit(step(state, teacher_state, batch, step, lr) -> (state, metrics)).
 
-  def step_fn(state, batch, rng, step):
+  state is nnx.state((model, optimizer)); distill_gdef (or None) splits the same weights
+  into the model in distill mode; the teacher is a frozen (graphdef, state)."""
+
+  def step_fn(state, teacher_state, batch, step, lr):
     model, optimizer = nnx.merge(graphdef, state)
+    optim_lib.set_learning_rate(optimizer, lr)
     mgdef, params, rest = nnx.split(model, wrt, ...)
+    teacher = None if teacher_gdef is None else nnx.merge(teacher_gdef, teacher_state)
 
-    def f(params, rest, mb, key):
+    def f(params, rest, mb):
       m = nnx.merge(mgdef, params, rest, copy=True)   # fresh Variables at this trace level
-      loss, met = loss_impl(m, mb, key, **loss_kw)
+      d = None if distill_gdef is None else nnx.merge(distill_gdef, params, rest, copy=True)
+      loss, met = objective(m, d, teacher, mb)
       if nan_step >= 0:
         loss = loss * jnp.where(step == nan_step, jnp.nan, 1.0)
       _, _, new_rest = nnx.split(m, wrt, ...)
@@ -209,226 +232,437 @@ def make_train_step(graphdef, wrt, cfg, schedule, state_sh, batch_sh):
 
     grad_fn = jax.value_and_grad(f, has_aux=True)
     if accum == 1:
-      (loss, (met, rest)), grads = grad_fn(params, rest, batch, rng)
+      (loss, (met, rest)), grads = grad_fn(params, rest, batch)
     else:
-      # micro-batch i takes rows i, i + accum, ...: every device contributes to each one
+      # micro-batch i takes rows i, i + accum, ...: every device contributes to each one;
+      # gradients are weighted by their token counts, so the update equals the whole batch's
       mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
                          .swapaxes(0, 1), batch)
 
-      # Micro-batch gradients are weighted by their token counts (when the loss reports
-      # "tokens"), so the update equals the one of the whole batch at once.
-      def body(carry, xs):
+      def body(carry, mb):
         g_acc, l_acc, w_acc, rest = carry
-        mb, i = xs
-        (l, (met, rest)), g = grad_fn(params, rest, mb, jax.random.fold_in(rng, i))
-        w = met["tokens"].astype(jnp.float32) if "tokens" in met else jnp.float32(1.0)
+        (l, (met, rest)), g = grad_fn(params, rest, mb)
+        w = met["tokens"].astype(jnp.float32)
         g_acc = jax.tree.map(lambda a, b: a + w * b, g_acc, g)
         return (g_acc, l_acc + w * l, w_acc + w, rest), met
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       z = jnp.zeros((), jnp.float32)
-      (grads, loss, wsum, rest), mets = jax.lax.scan(
-          body, (zeros, z, z, rest), (mbs, jnp.arange(accum)))
+      (grads, loss, wsum, rest), mets = jax.lax.scan(body, (zeros, z, z, rest), mbs)
       wsum = jnp.maximum(wsum, 1e-9)
       grads = jax.tree.map(lambda g: g / wsum, grads)
       loss = loss / wsum
       met = {k: (v.sum() if k == "tokens" else v.mean()) for k, v in mets.items()}
     nnx.update(model, rest)
-    extra = {"value": loss} if plateau else {}
-    optimizer.update(model, grads, **extra)
-    metrics = dict(met)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(step))
+    optimizer.update(model, grads, **({"value": loss} if plateau else {}))
+    metrics = dict(met, loss=loss, grad_norm=optax_global_norm(grads), lr=lr)
     return nnx.state((model, optimizer)), metrics
 
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, None, None),
+  return jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh, None, None),
                  out_shardings=(state_sh, None), donate_argnums=(0,))
 
 
-def make_eval_step(graphdef, state_sh, batch_sh):
-  def eval_fn(state, batch):
+def optax_global_norm(tree):
+  import optax
+  return optax.global_norm(tree)
+
+
+def make_eval_step(graphdef, distill_gdef, teacher_gdef, objective, state_sh, batch_sh,
+                   teacher_sh=None):
+  """jit(eval(state, teacher_state, batch) -> (loss * tokens, tokens)) of the objective."""
+  def eval_fn(state, teacher_state, batch):
     model, _ = nnx.merge(graphdef, state)
-    if hasattr(model, "eval"):
-      model.eval()
-    logits = losses_lib.model_logits(model, batch)
-    return losses_lib.masked_token_ce(logits, batch["targets"], batch["loss_mask"])
-  return jax.jit(eval_fn, in_shardings=(state_sh, batch_sh))
+    teacher = None if teacher_gdef is None else nnx.merge(teacher_gdef, teacher_state)
+    d = None
+    if distill_gdef is not None:
+      _, params, rest = nnx.split(model, nnx.Param, ...)
+      d = nnx.merge(distill_gdef, params, rest)
+    loss, met = objective(model, d, teacher, batch)
+    return loss * met["tokens"], met["tokens"]
+  return jax.jit(eval_fn, in_shardings=(state_sh, teacher_sh, batch_sh))
 
 
-def evaluate_heldout(eval_step, state, eval_data, batch_size, max_rows, mesh, to_global):
-  """Held-out mean token cross-entropy and perplexity over the first `max_rows` rows."""
-  nll, n = 0.0, 0.0
-  for b in data_lib.eval_batches(eval_data, batch_size, max_rows):
-    rows = b["input_ids"].shape[0]
-    if rows < batch_size:  # pad with fully masked rows to keep one compiled shape
-      b = {k: np.concatenate([v, np.zeros((batch_size - rows,) + v.shape[1:], v.dtype)])
+def validate(eval_step, state, teacher_state, rows, batch_size, max_rows, to_global):
+  """Mean of the objective over the first `max_rows` validation rows (token-weighted)."""
+  tot, n = 0.0, 0.0
+  for b in pipeline.eval_batches(rows, batch_size, max_rows):
+    r = b["input_ids"].shape[0]
+    if r < batch_size:   # pad with fully masked rows to keep one compiled shape
+      b = {k: np.concatenate([v, np.zeros((batch_size - r,) + v.shape[1:], v.dtype)])
            for k, v in b.items()}
-    s, c = eval_step(state, to_global(b))
-    nll += float(s)
+    s, c = eval_step(state, teacher_state, to_global(b))
+    tot += float(s)
     n += float(c)
-  loss = nll / max(n, 1.0)
-  return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
+  return tot / max(n, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# One stage
 
-def _meta(cfg, step, position, key, loss):
-  return {"step": int(step), "data_position": int(position),
-          "rng_key": [int(x) for x in np.asarray(jax.random.key_data(key)).reshape(-1)],
-          "loss": None if loss is None else float(loss), "config": cfg.to_json()}
+class Stage:
+  """Everything of stage i: its directory, objective, optimizer, steps, data iterator."""
+
+  def __init__(self, run, index, name, scfg):
+    self.run, self.index, self.name, self.cfg = run, index, name, scfg
+    self.dir = os.path.join(run.workdir, "stages", f"{index}_{name}")
+    self.objective = obj_lib.make_objective(dict(scfg.objective),
+                                            kl_temperature=float(scfg.kl_temperature),
+                                            transfer_scale=float(scfg.transfer_scale))
+    self.parts = trainable_parts(scfg.trainable)
+
+  @property
+  def done_path(self):
+    return os.path.join(self.dir, "DONE")
+
+  def is_done(self):
+    return os.path.exists(self.done_path)
+
+  # --- structure: LoRA in, LoRA out ------------------------------------------------------
+  def apply_lora(self, model):
+    from linjax.layers.lora import apply_lora, lora_modules
+    if "lora" in self.parts and not lora_modules(model):
+      l = self.cfg.lora
+      apply_lora(model, rank=int(l.rank), alpha=float(l.alpha), dropout=float(l.dropout),
+                 targets=tuple(l.targets),
+                 rngs=nnx.Rngs(params=self.run.cfg.seed + 101 * (self.index + 1),
+                               dropout=self.run.cfg.seed + 103 * (self.index + 1)))
+      _reshard(model, self.run.mesh)
+
+  def finish_structure(self, model):
+    from linjax.layers.lora import lora_modules, merge_lora
+    if "lora" in self.parts and self.cfg.lora.merge_after and lora_modules(model):
+      merge_lora(model)
+
+  # --- final state ----------------------------------------------------------------------
+  def _final_ckpt(self):
+    return ckpt_lib.Checkpointer(os.path.join(self.dir, "final"), keep=1, async_save=False)
+
+  def save_final(self, model, summary):
+    ck = self._final_ckpt()
+    try:
+      ck.save(0, nnx.state(model), _MARKER(), {"summary": summary})
+      ck.wait()
+    finally:
+      ck.close()
+    tmp = self.done_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=1, default=str)
+    os.replace(tmp, self.done_path)
+
+  def restore_final(self, model):
+    ck = self._final_ckpt()
+    try:
+      nnx.update(model, ck.restore_model(0, nnx.state(model)))
+    finally:
+      ck.close()
+    with open(self.done_path) as f:
+      return json.load(f)
+
+  # --- the loop ---------------------------------------------------------------------------
+  def train(self, model, teacher):
+    from linjax.linearize import set_distill
+    from linjax.parallel.mesh import use_mesh
+    from linjax.parallel.rules import batch_sharding, param_shardings
+    run, s = self.run, self.cfg
+    self.apply_lora(model)
+    wrt = optim_lib.trainable_filter(s.trainable)
+    n_trainable = optim_lib.count_params(model, wrt)
+    if n_trainable == 0:
+      raise ConfigError(f"config field 'stages.{self.name}.trainable'={s.trainable!r} selects no "
+                        "parameter of this model")
+    optimizer = nnx.Optimizer(model, optim_lib.make_optimizer(s.optim), wrt=wrt)
+    graphdef, state = nnx.split((model, optimizer))
+    state_sh = param_shardings(state, run.mesh)
+    state = jax.device_put(state, state_sh)
+    distill_gdef = None
+    if self.objective.distill_kind:
+      # the same weights, split by the same filters, merge into the distill-mode structure
+      distill_gdef = nnx.graphdef(set_distill(nnx.clone(model), self.objective.distill_kind))
+    teacher_gdef = teacher_state = teacher_sh = None
+    if self.objective.needs_teacher:
+      teacher_gdef, teacher_state = nnx.split(teacher)
+      teacher_sh = param_shardings(teacher_state, run.mesh)
+    seq, gb = int(s.seq_len), int(s.batch_size)
+    bsh = batch_sharding(run.mesh, 2, (gb, seq))
+    batch_sh = {k: bsh for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+    to_global = lambda b: run.to_global(b)
+    train_rows = run.data.rows("train", seq)
+    val_rows = run.data.rows("eval", seq)
+
+    # checkpoints and resume
+    ck = ckpt_lib.Checkpointer(os.path.join(self.dir, "checkpoints"), keep=int(run.cfg.ckpt.keep),
+                               async_save=bool(run.cfg.ckpt.async_save))
+    best_ck = None
+    save_filter = nnx.Any(wrt, nnx.Not(nnx.Param)) if run.cfg.ckpt.trainable_only else ...
+    start, position, tokens, elapsed, best = 0, 0, 0, 0.0, None
+    latest = ck.latest_step()
+    if latest is not None:
+      model, optimizer = nnx.merge(graphdef, state)
+      ms, os_, meta = ck.restore(latest, nnx.state(model, save_filter), nnx.state(optimizer))
+      nnx.update(model, ms)
+      nnx.update(optimizer, os_)
+      state = jax.device_put(nnx.state((model, optimizer)), state_sh)
+      start, position = int(meta["step"]), int(meta["data_position"])
+      tokens, elapsed, best = int(meta["tokens"]), float(meta["elapsed_s"]), meta.get("best")
+    it = pipeline.DataIterator(train_rows, gb, seed=run.cfg.seed + 1000 * self.index,
+                               shuffle=bool(run.cfg.data.shuffle), position=position)
+    plateau = s.optim.schedule == "plateau"
+    nan = debug_at(run.cfg, "debug_nan_at")
+    kill = debug_at(run.cfg, "debug_kill_at")
+    train_step = make_train_step(
+        graphdef, distill_gdef, teacher_gdef, wrt, self.objective, accum=int(s.grad_accum),
+        plateau=plateau, state_sh=state_sh, batch_sh=batch_sh, teacher_sh=teacher_sh,
+        nan_step=nan[1] if nan and nan[0] == self.name else -1)
+    eval_step = make_eval_step(graphdef, distill_gdef, teacher_gdef, self.objective, state_sh,
+                               batch_sh, teacher_sh)
+    steps = int(s.steps)
+    writer = MetricsWriter(self.dir, steps, start, enabled=run.is_main,
+                           progress=bool(run.cfg.progress),
+                           resume_step=start if latest is not None else None)
+    tok_per_step = gb * seq
+    max_tokens, budget = int(s.tokens), float(s.time_budget_s)
+
+    def progress_of(step, tokens, elapsed):
+      p = step / max(steps, 1)
+      if max_tokens:
+        p = max(p, tokens / max_tokens)
+      if budget:
+        p = max(p, elapsed / budget)
+      return p
+
+    def save(step):
+      model, optimizer = nnx.merge(graphdef, state)
+      ck.save(step, nnx.state(model, save_filter), nnx.state(optimizer),
+              {"step": int(step), "data_position": int(it.position), "tokens": int(tokens),
+               "elapsed_s": float(elapsed), "best": best, "stage": self.name,
+               "config": run.cfg.to_json()})
+
+    def run_val(step):
+      nonlocal best, best_ck
+      if val_rows is None:
+        return None
+      v = validate(eval_step, state, teacher_state, val_rows, gb, int(s.eval_rows), to_global)
+      writer.write(step, {"loss": v}, "val")
+      if s.keep_best and (best is None or v < best["loss"]):
+        best = {"step": int(step), "loss": float(v)}
+        if best_ck is None:
+          best_ck = ckpt_lib.Checkpointer(os.path.join(self.dir, "best"), keep=1,
+                                          async_save=False)
+        model, _ = nnx.merge(graphdef, state)
+        best_ck.save(step, nnx.state(model, save_filter), _MARKER(), {"best": best})
+        best_ck.wait()
+      return v
+
+    history, acc, acc_n, last_loss, last_val = [], {}, 0, None, None
+    t_first = None          # the first step in this process includes compilation
+    step = start
+    t_stage = time.time()
+    try:
+      with use_mesh(run.mesh):
+        while step < steps and not (max_tokens and tokens >= max_tokens) and not (
+            budget and elapsed >= budget):
+          batch = to_global(next(it))
+          lr = optim_lib.learning_rate(s.optim, step, progress_of(step, tokens, elapsed))
+          t0 = time.time()
+          state, metrics = train_step(state, teacher_state, batch, jnp.asarray(step, jnp.int32),
+                                      jnp.asarray(lr, jnp.float32))
+          loss = float(metrics["loss"])
+          if not math.isfinite(loss):
+            ck.wait()
+            good = ck.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss}) in stage {self.name!r} at step {step}; "
+                f"stopping. Last good checkpoint: "
+                f"{'none' if good is None else f'step {good}'} in {ck.directory}")
+          now = time.time()
+          if t_first is None:
+            t_first = now
+          else:
+            elapsed += now - t0
+          step += 1
+          tokens += tok_per_step
+          last_loss = loss
+          history.append(loss)
+          for k, v in metrics.items():
+            acc[k] = acc.get(k, 0.0) + float(v)
+          acc_n += 1
+          writer.progress(1, loss=loss, lr=f"{lr:.2g}")
+          if step % int(s.log_every) == 0 or step == steps:
+            writer.write(step, {k: v / acc_n for k, v in acc.items()})
+            acc, acc_n = {}, 0
+          if s.eval_every and step % int(s.eval_every) == 0:
+            last_val = run_val(step)
+          if s.ckpt_every and step % int(s.ckpt_every) == 0:
+            save(step)
+          if kill and kill == (self.name, step):
+            ck.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if acc_n:
+          writer.write(step, {k: v / acc_n for k, v in acc.items()})
+        if not s.eval_every or step % int(s.eval_every):
+          last_val = run_val(step)
+        save(step)
+    finally:
+      writer.close()
+      ck.close()
+    model, optimizer = nnx.merge(graphdef, state)
+    if s.keep_best and best is not None and best["step"] != step:
+      bck = ckpt_lib.Checkpointer(os.path.join(self.dir, "best"), keep=1, async_save=False)
+      try:
+        nnx.update(model, bck.restore_model(bck.latest_step(), nnx.state(model, save_filter)))
+      finally:
+        bck.close()
+    if best_ck is not None:
+      best_ck.close()
+    self.finish_structure(model)
+    writer.plot()
+    return model, {
+        "stage": self.name, "steps": step, "tokens": tokens, "seconds": time.time() - t_stage,
+        "train_seconds": elapsed, "final_loss": last_loss,
+        "first_loss": history[0] if history else None, "val_loss": last_val, "best": best,
+        "trainable": s.trainable, "trainable_params": n_trainable,
+        "objective": dict(s.objective), "resumed_at": start or None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+def _state_mib(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2 ** 20
+
+
+def generate_samples(model, teacher, tokenizer, prompts, max_new_tokens, context=8192):
+  """Greedy continuations of `prompts` by the student (its decode state: the recurrent state
+  of linear layers, the window ring of hybrids), and the decode-state size of the student and
+  of the teacher's KV cache at `context` tokens."""
+  from linjax.generate import generate_text
+  texts = generate_text(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                        temperature=0.0)
+  out = {"samples": dict(zip(prompts, texts)), "context": context,
+         "student_state_mib": _state_mib(model.init_cache(1, context))}
+  if teacher is not None:
+    out["teacher_kv_cache_mib"] = _state_mib(teacher.init_cache(1, context))
+  return out
+
+
+def plot_stages(path, stages):
+  """One PNG of every stage's training (and validation) loss against its steps."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.6), squeeze=False)
+  for ax, st in zip(axes[0], stages):
+    h = MetricsWriter(st.dir, 0, 0, enabled=False).history()
+    tr = sorted(h.get("train", {}).items())
+    if tr:
+      ax.plot([k for k, _ in tr], [r["loss"] for _, r in tr], lw=1, label="train")
+    va = sorted((k, r) for k, r in h.get("val", {}).items() if "loss" in r)
+    if va:
+      ax.plot([k for k, _ in va], [r["loss"] for _, r in va], "o-", label="validation")
+    ax.set_title(f"{st.index + 1}. {st.name} ({'+'.join(k for k in st.objective.weights)})")
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel("loss")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+class Run:
+  def __init__(self, cfg, workdir):
+    from linjax.parallel.distributed import host_local_to_global
+    from linjax.parallel.mesh import make_mesh
+    self.cfg, self.workdir = cfg, workdir
+    self.mesh = make_mesh(cfg.mesh)
+    self.is_main = jax.process_index() == 0
+    self.n_stages = len(cfg.stages)
+    self.to_global = lambda b: host_local_to_global(b, self.mesh)
+
+
+def _check_saved_config(cfg, workdir):
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    diffs = computation_differences(saved, json.loads(cfg.to_json()))
+    if diffs and not cfg.allow_config_change:
+      raise ConfigError(
+          f"{workdir} holds a run with a different config: {', '.join(diffs)}; use another "
+          "workdir, or pass --config.allow_config_change=True to resume anyway")
+  elif jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(cfg.to_json(indent=1))
+    os.replace(tmp, path)
 
 
 def train(config, workdir: str) -> dict:
-  """Runs (or resumes) the training run of `config` in `workdir`; returns the summary dict.
+  """Runs (or resumes) the run of `config` in `workdir`; returns the summary dict.
 
-  The summary (also written to `workdir/summary.json`, without "model") holds the final
-  train loss, held-out loss / perplexity, tokens/s (after the compiling first step),
-  parameter counts, where it resumed from, the resolved config, and "model": the trained
-  model object (with LoRA merged when `ckpt.export` is on).
+  The summary (also written to `workdir/summary.json`, without "model") holds each stage's
+  summary, the held-out evaluation when `eval.suite` is set, where the model was exported,
+  and "model": the trained model object (LoRA merged when exported).
   """
-  from linjax.parallel.mesh import make_mesh, use_mesh
-  from linjax.parallel.rules import batch_sharding, param_shardings
-  from linjax.parallel.distributed import host_local_to_global
-
+  from linjax.data.tokenizers import load_tokenizer
+  from linjax.parallel.mesh import use_mesh
   t_start = time.time()
-  cfg = resolve(config)                       # every field and path checked before compute
+  cfg = resolve(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = make_mesh(cfg.mesh)
-  is_main = jax.process_index() == 0
-
-  tokenizer = data_lib.load_tokenizer(tokenizer_name(cfg))
-  with use_mesh(mesh):
-    model = prepare_model(cfg, mesh)
+  _check_saved_config(cfg, workdir)
+  run = Run(cfg, workdir)
+  tokenizer = load_tokenizer(tokenizer_name(cfg))
+  stages = [Stage(run, i, name, s) for i, (name, s) in enumerate(ordered_stages(cfg))]
+  with use_mesh(run.mesh):
+    model, teacher = prepare_models(cfg, run.mesh, [st.objective for st in stages])
   vocab = model.config.vocab_size
-  tok_vocab = len(tokenizer)
-  if tok_vocab > vocab:
-    raise ConfigError(f"tokenizer {tokenizer_name(cfg)!r} has {tok_vocab} tokens but the model "
-                      f"only {vocab} (config field 'data.tokenizer' / 'model')")
-  train_data, eval_data = load_data(cfg, tokenizer)
-
-  wrt = optim_lib.trainable_filter(cfg.trainable)
-  n_trainable = optim_lib.count_params(model, wrt)
-  n_total = optim_lib.count_params(model)
-  if n_trainable == 0:
-    raise ConfigError(f"config field 'trainable'={cfg.trainable!r} selects no parameter of "
-                      "this model")
-  tx, schedule = optim_lib.make_optimizer(cfg.optim, int(cfg.steps))
-  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-  graphdef, state = nnx.split((model, optimizer))
-  state_sh = param_shardings(state, mesh)
-  state = jax.device_put(state, state_sh)
-
-  seq_len, gb = int(cfg.data.seq_len), int(cfg.data.batch_size)
-  bsh = batch_sharding(mesh, 2, (gb, seq_len))
-  batch_sh = {k: bsh for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
-
-  def to_global(b):
-    return host_local_to_global(b, mesh)
-
-  # Checkpoints and resume.
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.ckpt.keep),
-                             async_save=bool(cfg.ckpt.async_save))
-  save_filter = nnx.Any(wrt, nnx.Not(nnx.Param)) if cfg.ckpt.trainable_only else ...
-  base_key = jax.random.key(int(cfg.seed))
-  start, position, resumed_from = 0, 0, None
-  latest = ck.latest_step()
-  if latest is not None:
-    model, optimizer = nnx.merge(graphdef, state)
-    ms, os_ = nnx.state(model, save_filter), nnx.state(optimizer)
-    ms, os_, meta = ck.restore(latest, ms, os_)
-    nnx.update(model, ms)
-    nnx.update(optimizer, os_)
-    state = jax.device_put(nnx.state((model, optimizer)), state_sh)
-    start, position, resumed_from = int(meta["step"]), int(meta["data_position"]), latest
-    base_key = jax.random.wrap_key_data(np.asarray(meta["rng_key"], np.uint32),
-                                        impl=jax.random.key_impl(base_key))
-
-  it = data_lib.DataIterator(train_data, gb, seed=int(cfg.seed), shuffle=bool(cfg.data.shuffle),
-                             position=position)
-  train_step = make_train_step(graphdef, wrt, cfg, schedule, state_sh, batch_sh)
-  eval_step = make_eval_step(graphdef, state_sh, batch_sh)
-  writer = MetricsWriter(workdir, int(cfg.steps), start, enabled=is_main,
-                         progress=bool(cfg.progress))
-  steps, log_every = int(cfg.steps), max(int(cfg.log_every), 1)
-  every = int(cfg.ckpt.every)
-  tokens_per_step = gb * seq_len
-
-  def save(step, loss):
-    model, optimizer = nnx.merge(graphdef, state)
-    ck.save(step, nnx.state(model, save_filter), nnx.state(optimizer),
-            _meta(cfg, step, it.position, base_key, loss))
-
-  def run_eval(step):
-    if eval_data is None:
-      return None
-    r = evaluate_heldout(eval_step, state, eval_data, gb, int(cfg.data.eval_rows) or None,
-                         mesh, to_global)
-    writer.write(step, r, "eval")
-    return r
-
-  last_loss, last_eval, acc, acc_n, t_measure, measured_steps = None, None, {}, 0, None, 0
-  t_loop = time.time()
-  try:
-    with use_mesh(mesh):
-      for step in range(start, steps):
-        batch = to_global(next(it))
-        rng = jax.random.fold_in(base_key, step)
-        state, metrics = train_step(state, batch, rng, jnp.asarray(step, jnp.int32))
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-          ck.wait()
-          good = ck.latest_step()
-          raise NonFiniteLossError(
-              f"non-finite training loss ({loss}) at step {step}; stopping. "
-              f"Last good checkpoint: {'none' if good is None else f'step {good}'} in "
-              f"{ck.directory}")
-        last_loss = loss
-        now = time.time()
-        if t_measure is None:           # the first step in this process includes compilation
-          t_measure = now
-        else:
-          measured_steps += 1
-        for k, v in metrics.items():
-          acc[k] = acc.get(k, 0.0) + float(v)
-        acc_n += 1
-        done = step + 1
-        tps = (measured_steps * tokens_per_step / (now - t_measure)) if measured_steps else 0.0
-        writer.progress(1, loss=loss, **({"tok/s": f"{tps:,.0f}"} if tps else {}))
-        if done % log_every == 0 or done == steps:
-          writer.write(done, {**{k: v / acc_n for k, v in acc.items()}, "tokens_per_s": tps})
-          acc, acc_n = {}, 0
-        if cfg.eval_every and done % int(cfg.eval_every) == 0 and done != steps:
-          last_eval = run_eval(done)
-        if (every and done % every == 0) or done == steps:
-          save(done, loss)
-        if cfg.debug_kill_at_step >= 0 and done == int(cfg.debug_kill_at_step):
-          os.kill(os.getpid(), signal.SIGKILL)
-      last_eval = run_eval(steps)
-  finally:
-    writer.close()
-    ck.close()
-
-  wall = time.time() - t_loop
-  model, optimizer = nnx.merge(graphdef, state)
-  tps = measured_steps * tokens_per_step / (time.time() - t_measure) if measured_steps else None
+  if len(tokenizer) > vocab:
+    raise ConfigError(f"tokenizer {tokenizer_name(cfg)!r} has {len(tokenizer)} tokens but the "
+                      f"model only {vocab} (config field 'data.tokenizer' / 'model')")
+  run.data = Data(cfg, tokenizer, teacher)
+  if int(cfg.calibrate.tokens) > 0:
+    from linjax.linearize.calibrate import calibrate
+    rows = run.data.rows("train", min(512, int(cfg.calibrate.tokens)))
+    n = max(int(cfg.calibrate.tokens) // rows.seq_len, 1)
+    calibrate(model, teacher, rows.tokens[:n])
+  results = []
+  for st in stages:
+    if st.is_done():     # rebuild the stage's end structure, then its saved state
+      st.apply_lora(model)
+      st.finish_structure(model)
+      results.append(st.restore_final(model))
+      continue
+    if int(st.cfg.steps) == 0:
+      summary = {"stage": st.name, "steps": 0, "skipped": True}
+    else:
+      model, summary = st.train(model, teacher)
+    if run.is_main:
+      st.save_final(model, summary)
+    results.append(summary)
   model_dir = None
   if cfg.ckpt.export:
     model_dir = export_model(model, os.path.join(workdir, "model"),
-                             tokenizer if is_main else None)
-  summary = {
-      "workdir": workdir, "steps": steps, "start_step": start, "resumed_from": resumed_from,
-      "final_loss": last_loss, "eval_loss": None if last_eval is None else last_eval["loss"],
-      "eval_ppl": None if last_eval is None else last_eval["ppl"],
-      "eval_tokens": None if last_eval is None else last_eval["tokens"],
-      "tokens_per_s": tps, "tokens_per_step": tokens_per_step,
-      "train_rows": len(train_data), "trainable": cfg.trainable,
-      "trainable_params": n_trainable, "total_params": n_total,
-      "devices": jax.device_count(), "mesh": dict(mesh.shape),
-      "loop_s": wall, "wall_s": time.time() - t_start, "model_dir": model_dir,
-      "checkpoint_dir": ck.directory, "config": cfg.to_dict(),
-  }
-  writer.plot()
-  writer.summary(summary)
+                             tokenizer if run.is_main else None)
+  evaluation = None
+  if cfg.eval.suite != "none":
+    from linjax.eval.suite import evaluate_run
+    evaluation = evaluate_run(model, teacher, tokenizer, suite=cfg.eval.suite,
+                              baselines=tuple(cfg.eval.baselines), workdir=workdir,
+                              progress=bool(cfg.progress))
+  generations = None
+  if cfg.eval.prompts and run.is_main:
+    generations = generate_samples(model, teacher, tokenizer, tuple(cfg.eval.prompts),
+                                   int(cfg.eval.max_new_tokens))
+  summary = {"workdir": workdir, "stages": results, "model_dir": model_dir,
+             "evaluation": evaluation, "generations": generations, "total_params": optim_lib.count_params(model),
+             "devices": jax.device_count(), "mesh": dict(run.mesh.shape),
+             "wall_s": time.time() - t_start, "config": cfg.to_dict()}
+  if run.is_main:
+    plot_stages(os.path.join(workdir, "loss_curve.png"), stages)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1, default=str)
   summary["model"] = model
   return summary
