@@ -196,7 +196,7 @@ def compress_ffn(model, *, rank=None, rank_fraction=None, kind: str = "lowrank",
   svd = {}
   if kind == "lowrank":
     for i in ids:
-      svd[i] = {p: np.linalg.svd(weights[i][p], full_matrices=False) for p in PROJS}
+      svd[i] = {p: sm.svd(weights[i][p]) for p in PROJS}
     if allocate == "error":
       energies = {i: sum(s ** 2 / np.sum(s ** 2) for _, s, _ in svd[i].values()) for i in ids}
       want = allocate_ranks(energies, sum(want.values()), step=int(rank_step),

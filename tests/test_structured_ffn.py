@@ -64,7 +64,7 @@ def test_svd_of_dense_mlp_at_full_rank_equals_it():
     w = np.asarray(getattr(dense, p).kernel[...])
     v, u, err, _ = sm.lowrank_project(w, min(H, M))
     assert err < 1e-6
-    assert_rel(w, v @ u, 1e-6, p)
+    assert_rel(w, v @ u, 1e-5, p)          # the SVD runs in float32
 
 
 def _block_shuffle_by_loops(w1, w2, n_in, n_out):
@@ -97,22 +97,22 @@ def test_block_shuffle_matches_index_loops_and_projection_is_exact(n_in, n_out, 
   x = np.asarray(_x((5, n_in)))
   assert_rel(x @ ref, lin(jnp.asarray(x)), 1e-5, "BlockShuffle forward vs index loops")
   assert_rel(ref, lin.to_dense(), 1e-5, "to_dense")
-  # a matrix that is a BlockShuffle is recovered by the projection (to float64 rounding)
+  # a matrix that is a BlockShuffle is recovered by the projection (to float32 rounding)
   v, u, err = sm.block_shuffle_project(ref, nb)
-  assert err < 1e-10
-  assert_rel(ref, _block_shuffle_by_loops(v, u, n_in, n_out), 1e-10, "projection")
+  assert err < 1e-5
+  assert_rel(ref, _block_shuffle_by_loops(v, u, n_in, n_out), 1e-5, "projection")
   # and a generic matrix is fit no worse than by the random structured matrix above
   g = rng.randn(n_in, n_out)
   _, _, e = sm.block_shuffle_project(g, nb)
   scale = np.sum(g * ref) / np.sum(ref * ref)
-  assert e <= rel_err(g, scale * ref) + 1e-9
+  assert e <= rel_err(g, scale * ref) + 1e-6
 
 
 def test_block_with_one_block_equals_dense():
   lin = sm.BlockShuffleLinear(H, M, 1, ("embed", "mlp"), rngs=nnx.Rngs(0))
   w = np.random.RandomState(2).randn(H, M)
   v, u, err = sm.block_shuffle_project(w, 1)
-  assert err < 1e-10
+  assert err < 1e-5
   lin.v.kernel[...], lin.u.kernel[...] = jnp.asarray(v, jnp.float32), jnp.asarray(u, jnp.float32)
   x = _x((3, H))
   assert_rel(np.asarray(x) @ w, lin(x), 1e-5, "block nb=1 vs dense")
