@@ -180,31 +180,55 @@ teacher, tokenizer = linjax.from_pretrained(gguf)
 print(f"loaded {os.path.basename(gguf)} in {time.time() - t0:.0f}s:",
       teacher.config.num_hidden_layers, "layers,", teacher.config.num_attention_heads, "heads")
 """),
-    md("## Linearize: every layer becomes a LoLCATs hybrid, reusing q/k/v/o weights"),
-    code("""
-from flax import nnx
-student = linjax.linearize(teacher, mixer="lolcats", window=64)   # a new model: the teacher stays
-print(student.config.mixers[:3], "...")
-"""),
     md("""
-## Stage 1: attention transfer
+## Linearize and train, through the one training loop
 
-Only the feature maps and window factors train (`FeatureMapParam`); the loss is the MSE
-between each layer's softmax and linear attention outputs on teacher-forced hidden states.
-A handful of steps on the embedded corpus here; the real recipe runs thousands.
+The run is an ml_collections config: load the teacher, `linjax.linearize` it (every layer a
+LoLCATs hybrid with 4 sinks, initialised to equal sliding-window attention), then two stages.
+Stage 1 (attention transfer) trains only the feature maps and window factors
+(`FeatureMapParam`) on the MSE between each layer's softmax and hybrid outputs; stage 2 adds
+LoRA adapters to q/k/v/o and distils the teacher's next-token distribution (KL). The
+workdir holds checkpoints (a killed run resumes), TensorBoard metrics, `loss_curve.png`,
+the exported model and the end-of-run evaluation against the sliding-window baseline.
+A handful of steps here; `experiments/lolcats_smollm2.py` runs the real budgets.
 """),
     code("""
-from linjax.linearize import recipes
-batches = recipes.token_batches(tokenizer, steps=4, batch_size=1, seq_len=128)   # embedded corpus
+from linjax.train import train
+from linjax.train.config import base_config, stage, stages
+
+config = base_config()
+config.model.source = "smollm2"
+config.linearize = {"mixer": "lolcats", "window": 64, "num_sinks": 4, "init_linear_factor": 0.0}
+config.stages = stages(
+    transfer=stage(steps=6, trainable="feature_maps", objective={"attention_mse": 1.0},
+                   transfer_scale=1000.0, seq_len=128, batch_size=1, optim={"lr": 1e-2}),
+    finetune=stage(steps=6, trainable="lora", objective={"kl": 1.0}, seq_len=128, batch_size=1,
+                   lora={"rank": 8, "alpha": 8.0, "targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
+                   optim={"lr": 1e-3}))
+config.eval.suite = "tiny"
+config.eval.baselines = ("sliding_window:64:4",)
+config.progress = False
+workdir = "/tmp/linjax_nb02"
 t0 = time.time()
-hist = recipes.attention_transfer(student, batches, lr=1e-2, inner_steps=4, progress=False, log_every=2)
-print(f"stage 1: {hist['steps']} batches, {hist['tokens']} tokens in {time.time() - t0:.0f}s; "
-      f"transfer loss {hist['loss'][0]:.3g} -> {hist['loss'][-1]:.3g}")
+summary = train(config, workdir)
+student = summary["model"]
+print(f"trained in {time.time() - t0:.0f}s; exported to {summary['model_dir']}")
+for s in summary["stages"]:
+    print(s["stage"], s["steps"], "steps, loss", round(s.get("first_loss", float("nan")), 4), "->",
+          round(s.get("final_loss", float("nan")), 4))
+"""),
+    code("""
+from IPython.display import Image, Markdown, display
+display(Image(os.path.join(workdir, "loss_curve.png")))
+display(Markdown(open(os.path.join(workdir, "evaluation.md")).read()))
 """),
     md("""
-Stage 2 of LoLCATs (LoRA on q/k/v/o with next-token cross-entropy) is
-`recipes.finetune(student, batches, trainable=LoRAParam)` after adding adapters; the
-`experiments/` configs run both stages for thousands of steps.
+The exported folder is a linjax model like any other: `linjax.from_pretrained(workdir)` loads
+it back (and `linjax convert ... --to hf` writes a Hugging Face folder with modeling code).
+"""),
+    code("""
+reloaded, _ = linjax.from_pretrained(workdir)
+print(type(reloaded).__name__, reloaded.config.mixers[:2], "...")
 """),
     md("## Student vs teacher"),
     code("""

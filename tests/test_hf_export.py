@@ -50,7 +50,10 @@ CASES = [
     ("supra", {}),
     ("lolcats", dict(window=8, variant="sw")),
     ("lolcats", dict(window=8, variant="tk")),
+    ("lolcats", dict(window=8, variant="sw", num_sinks=2, init_linear_factor=0.5)),
     ("liger", dict(window=8)),
+    ("liger", dict(window=8, num_sinks=2, normalize=True, learn_mix=True)),
+    ("supra", dict(norm_affine=True)),
     ("sliding_window", dict(window=8, num_sinks=2)),
     ("softmax", dict(window=6)),
 ]
@@ -280,8 +283,8 @@ def test_bad_exports_are_refused_and_leave_nothing(tmp_path):
   with pytest.raises(UnsupportedExportError, match="hf_test_unknown"):
     save_pretrained(odd, tmp_path / "odd")
   # a kwarg the torch code does not know
-  odd.config = model.config.replace(mixer_kwargs={"window": 4, "num_sinks": 2})
-  with pytest.raises(UnsupportedExportError, match="num_sinks"):
+  odd.config = model.config.replace(mixer_kwargs={"window": 4, "made_up_option": 2})
+  with pytest.raises(UnsupportedExportError, match="made_up_option"):
     save_pretrained(odd, tmp_path / "odd")
   assert not os.path.exists(tmp_path / "odd")
 

@@ -125,30 +125,40 @@ def test_top_level_linearize_is_callable_after_the_package_is_imported():
   assert model.config.mixers == ("gla",)
 
 
-def test_recipe_summary_table_and_png(tmp_path, capsys):
+def test_recipe_summary_table_and_png(tmp_path):
   import json
 
   from linjax.linearize import summary
-  runs = [dict(name="b_run", tokens=2048, ppl=30.0, ppl_ratio=2.0, top1=0.5, wall_seconds=12.4,
-               machine="cpu"),
-          dict(name="a_run", tokens=40960, ppl=18.0, ppl_ratio=1.2, top1=0.71, wall_seconds=99.6,
-               machine="gpu")]
-  for r in runs:
-    (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
-  (tmp_path / "other.json").write_text(json.dumps({"not": "a run"}))
-  (tmp_path / "eval_quick_baselines.json").write_text(json.dumps(
-      {"teacher (teacher)": {"perplexity": 10.0}, "sw64_sinks4": {"perplexity": 12.0}}))
-  assert summary.baseline_ratio(str(tmp_path)) == pytest.approx(1.2)
-  summary.main([str(tmp_path)])
-  out = capsys.readouterr().out
-  lines = [l for l in out.splitlines() if l.startswith("| ") and "_run" in l]
-  assert lines == ["| a_run | 40,960 | 18.00 | 1.200 | 71.0% | 100 s | gpu |",
-                   "| b_run | 2,048 | 30.00 | 2.000 | 50.0% | 12 s | cpu |"]   # best first
-  png = tmp_path / "linearization.png"
-  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  (tmp_path / "broken.json").write_text("{")
-  with pytest.raises(ValueError, match="broken.json"):
-    summary.load_runs(str(tmp_path))
+  runs = []
+  for name, toks, wall in (("a_run", [1000, 2000], 60.0), ("b_run", [0, 500], 30.0)):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps(
+        {"stages": [{"stage": "s1", "tokens": toks[0]}, {"stage": "s2", "tokens": toks[1]}],
+         "wall_s": wall, "config": {"linearize": {"mixer": "lolcats"}}}))
+    runs.append(str(d))
+  r = lambda ppl, top1, kl: {"perplexity": ppl, "ppl_ratio": ppl / 10.0, "top1_agreement": top1,
+                             "top1_ci": [top1 - 0.01, top1 + 0.01], "kl": kl,
+                             "kl_ci": [kl - 0.02, kl + 0.02], "passkey": {"128": 0.5},
+                             "mqar": {"128": 0.25}}
+  ev = {"teacher": {"perplexity": 10.0, "passkey": {"128": 1.0}, "mqar": {"128": 0.9}},
+        "sliding window 64 + 4 sinks": r(12.0, 0.83, 0.2),
+        "a_run": r(11.0, 0.9, 0.1), "b_run": r(15.0, 0.7, 0.5)}
+  (tmp_path / "results.json").write_text(json.dumps(ev))
+  text = summary.main(["--eval", str(tmp_path / "results.json"), "--runs", *runs,
+                       "--out", str(tmp_path / "out" / "lin")])
+  rows = [l for l in text.splitlines() if l.startswith("| ") and "model" not in l]
+  assert rows[0].startswith("| teacher | - | - | 10.00 | - |")
+  assert rows[2] == ("| a_run | 3,000 | 1.0 min | 11.00 | 1.100 | 0.900 (0.890-0.910) | "
+                     "0.100 (0.080-0.120) | 0.50 | 0.25 |")
+  assert rows[3].startswith("| b_run | 500 | 0.5 min |")
+  assert (tmp_path / "out" / "lin.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="c_run"):
+    d = tmp_path / "c_run"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"stages": [], "wall_s": 1.0}))
+    summary.main(["--eval", str(tmp_path / "results.json"), "--runs", str(d),
+                  "--out", str(tmp_path / "x")])
 
 
 def test_linearize_names_bad_layers_and_kwargs():

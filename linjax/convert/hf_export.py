@@ -1,7 +1,8 @@
 """Hugging Face export of any linjax model: config, tensors, modeling code, PEFT adapters.
 
-A model whose every layer is plain softmax attention exports as transformers'
-`LlamaForCausalLM` (no code needed). Any other mixer exports as `LinjaxLlamaForCausalLM`:
+A model whose every layer is plain softmax attention exports as its family's transformers
+class (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`; no
+code needed; see `linjax.models.families`). Any other mixer exports as `LinjaxLlamaForCausalLM`:
 config.json gets `model_type` "linjax_llama", `architectures`, an `auto_map` and the layers'
 mixers (stored once when layers share them), and the PyTorch modeling code shipped in
 `linjax/convert/hf/` is copied beside it, so
@@ -28,6 +29,7 @@ from flax import nnx
 
 from linjax.convert import mapping
 from linjax.convert.hf import linjax_spec as spec
+from linjax.models import families
 
 HF_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
 LORA_MODES = (None, "merge", "base")
@@ -40,15 +42,27 @@ class UnsupportedExportError(ValueError):
 # --- config ---------------------------------------------------------------------------
 
 def is_plain_llama(cfg) -> bool:
-  return cfg.all_softmax and cfg.all_dense_mlp
+  """All softmax, dense FFNs, and switches the family's own transformers class has."""
+  return cfg.all_softmax and cfg.all_dense_mlp and families.expressible(cfg)
+
+
+def _family_switches(cfg) -> dict:
+  """The family switches as explicit keys of a linjax_llama config (the torch code reads
+  them; `as_llama_hf` moves them back under "linjax")."""
+  return {"base_model_type": cfg.model_type,
+          **{k: (list(v) if isinstance(v, tuple) else v)
+             for k, v in ((k, getattr(cfg, k)) for k in families.FEATURES)}}
 
 
 def export_config(cfg) -> dict:
-  """config.json of the HF export (transformers' Llama for all-softmax models)."""
+  """config.json of the HF export (the family's transformers class for all-softmax models)."""
   hf = cfg.to_hf()
   hf.pop("linjax", None)
   if is_plain_llama(cfg):
     return hf
+  for k in families.FAMILY_KEYS:       # the family's own spelling: replaced by explicit switches
+    hf.pop(k, None)
+  hf.update(_family_switches(cfg))
   if not cfg.all_dense_mlp:
     kinds = sorted(set(cfg.mlp) - {"dense"})
     raise UnsupportedExportError(
@@ -78,6 +92,9 @@ def native_config(cfg) -> dict:
   its own architecture, so transformers never reads it as a softmax Llama."""
   hf = cfg.to_hf()
   if not is_plain_llama(cfg):
+    for k in families.FAMILY_KEYS:
+      hf.pop(k, None)
+    hf.update(_family_switches(cfg))
     hf["architectures"] = [spec.ARCHITECTURE]
     hf["model_type"] = spec.MODEL_TYPE
   return hf
@@ -90,41 +107,35 @@ def as_llama_hf(hf: dict) -> dict:
     return hf
   hf = dict(hf)
   hf.pop("auto_map", None)
-  hf["model_type"] = "llama"
-  hf["architectures"] = ["LlamaForCausalLM"]
+  mt = hf.pop("base_model_type", "llama")
+  hf["model_type"] = mt
+  hf["architectures"] = [families.ARCHITECTURES.get(mt, ("?",))[0]]
+  lj = dict(hf.get("linjax") or {})
+  for k in families.FAMILY_KEYS:   # explicit switches (older exports: attention / mlp bias)
+    if k in hf:
+      v = hf.pop(k)
+      if k in families.FEATURES:
+        lj.setdefault(k, v)
   if "mixers" in hf or "mixer_kwargs" in hf:
     names, kws = spec.unpack(hf.pop("mixers", None), hf.pop("mixer_kwargs", None),
                              hf["num_hidden_layers"])
-    lj = dict(hf.get("linjax") or {})
     lj["mixers"] = names
     lj["mixer_kwargs"] = kws if any(kws) else None
+  if lj:
     hf["linjax"] = lj
   return hf
 
 
 # --- tensors --------------------------------------------------------------------------
 
-def _get(model, path):
-  node = model
-  for p in path:
-    node = node[p] if isinstance(p, int) else getattr(node, p)
-  return node
-
-
 def lora_adapters(model) -> dict:
   """{module path: (lora_a [in, r], lora_b [r, out], scale, dropout)} of linjax LoRA."""
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  from linjax.layers.lora import lora_modules
   out = {}
-  for path in flat:
-    if path[-1] != "lora_a":
-      continue
-    mpath = path[:-1]
-    mod = _get(model, mpath)
-    a = np.asarray(jax.device_get(flat[path].get_value()), np.float32)
-    b = np.asarray(jax.device_get(flat[mpath + ("lora_b",)].get_value()), np.float32)
-    rank = a.shape[1]
-    scale = float(getattr(mod, "scale", getattr(mod, "alpha", rank) / rank))
-    out[mpath] = (a, b, scale, float(getattr(mod, "dropout_rate", 0.0)))
+  for mpath, mod in lora_modules(model):
+    a = np.asarray(jax.device_get(mod.lora_a.get_value()), np.float32)
+    b = np.asarray(jax.device_get(mod.lora_b.get_value()), np.float32)
+    out[tuple(mpath)] = (a, b, float(mod.scale), float(mod.dropout_rate))
   return out
 
 
@@ -148,7 +159,7 @@ def plain_params(model, lora=None) -> dict:
       out[path] = x
       continue
     rest = path[len(mpath):]
-    if rest in (("lora_a",), ("lora_b",)):
+    if rest[0] == "lora":            # the adapter (an nnx.LoRA: lora/lora_a, lora/lora_b)
       continue
     if rest[0] != "base":
       raise UnsupportedExportError(f"unexpected LoRA parameter {'/'.join(map(str, path))}")

@@ -27,6 +27,8 @@ _LAYER_ROWS = [
 ]
 _ATTN_BIAS_ROWS = [(f"self_attn.{p}.bias", ("self_attn", p, "bias"), None)
                    for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+_QK_NORM_ROWS = [(f"self_attn.{p}.weight", ("self_attn", p, "weight"), None)
+                 for p in ("q_norm", "k_norm")]                      # Qwen3
 _MLP_BIAS_ROWS = [(f"mlp.{p}.bias", ("mlp", p, "bias"), None)
                   for p in ("gate_proj", "up_proj", "down_proj")]
 
@@ -35,7 +37,8 @@ IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def name_table(config) -> dict[str, tuple[tuple, str | None]]:
-  """{HF name: (linjax path, transform)} for a softmax Llama described by `config`."""
+  """{HF name: (linjax path, transform)} for a softmax Llama (any family of
+  `linjax.models.families`) described by `config`."""
   t = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), None),
        "model.norm.weight": (("norm", "weight"), None)}
   if not config.tie_word_embeddings:
@@ -43,6 +46,10 @@ def name_table(config) -> dict[str, tuple[tuple, str | None]]:
   rows = list(_LAYER_ROWS)
   if config.attention_bias:
     rows += _ATTN_BIAS_ROWS
+  elif getattr(config, "qkv_bias", False):                          # Qwen2: no o_proj bias
+    rows += _ATTN_BIAS_ROWS[:3]
+  if getattr(config, "qk_norm", False):
+    rows += _QK_NORM_ROWS
   if config.mlp_bias:
     rows += _MLP_BIAS_ROWS
   for i in range(config.num_hidden_layers):

@@ -1,7 +1,8 @@
 """Softmax self-attention (the Llama mixer) and its sliding-window + sinks variant.
 
 Registered mixers:
-  "softmax"         full causal attention; `window=` / `num_sinks=` kwargs optional.
+  "softmax"         full causal attention; `window=` / `num_sinks=` kwargs optional (the
+                    default window is the config's: `sliding_window` on its sliding layers).
   "sliding_window"  the same with window=64, num_sinks=4 by default (StreamingLLM-style
                     no-training baseline).
 
@@ -41,7 +42,11 @@ class LlamaAttention(QKVO):
                        f"{method!r}")
     super().__init__(config, rngs=rngs, method="auto")
     self.method = method
-    self.window = self.default_window if window == -1 else window
+    if window == -1:   # the class default, else the teacher's (Mistral / Qwen sliding layers)
+      window = self.default_window
+      if window is None and hasattr(config, "layer_window"):
+        window = config.layer_window(layer_idx)
+    self.window = window
     self.num_sinks = self.default_num_sinks if num_sinks == -1 else int(num_sinks)
     if self.window is not None and int(self.window) < 1:
       raise ValueError(f"`window` must be None or >= 1, got {self.window}")

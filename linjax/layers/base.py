@@ -79,19 +79,30 @@ def token_mask(x, segment_ids):
 
 
 class QKVO(nnx.Module):
-  """q/k/v/o projections laid out like the Llama's softmax attention (HF names)."""
+  """q/k/v/o projections laid out like the Llama's softmax attention (HF names); with
+  `config.qk_norm` (Qwen3) q and k are RMS-normalized per head (`q_norm`, `k_norm`, weights
+  [head_dim]) before rotary, in every mixer that shares them."""
 
   def __init__(self, config, *, rngs, method="auto"):
     hidden, H, Hkv, D = head_dims(config)
     self.rope_freqs = rope_freqs(config)
     self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_size = H, Hkv, D, hidden
     self.method = check_method(method)
-    kw = dict(use_bias=bool(config.attention_bias), dtype=config.jnp_dtype,
-              param_dtype=config.jnp_param_dtype, rngs=rngs, std=float(config.initializer_range))
-    self.q_proj = dense(hidden, H * D, ("embed", "heads"), **kw)
-    self.k_proj = dense(hidden, Hkv * D, ("embed", "kv_heads"), **kw)
-    self.v_proj = dense(hidden, Hkv * D, ("embed", "kv_heads"), **kw)
-    self.o_proj = dense(H * D, hidden, ("heads", "embed"), **kw)
+    kw = dict(dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype, rngs=rngs,
+              std=float(config.initializer_range))
+    qkv_bias = bool(config.attention_bias or getattr(config, "qkv_bias", False))
+    self.q_proj = dense(hidden, H * D, ("embed", "heads"), use_bias=qkv_bias, **kw)
+    self.k_proj = dense(hidden, Hkv * D, ("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+    self.v_proj = dense(hidden, Hkv * D, ("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+    self.o_proj = dense(H * D, hidden, ("heads", "embed"), use_bias=bool(config.attention_bias),
+                        **kw)
+    if getattr(config, "qk_norm", False):
+      from linjax.layers.norms import RMSNorm
+      nkw = dict(eps=config.rms_norm_eps, dtype=config.jnp_dtype,
+                 param_dtype=config.jnp_param_dtype)
+      self.q_norm, self.k_norm = RMSNorm(D, **nkw), RMSNorm(D, **nkw)
+    else:
+      self.q_norm = self.k_norm = None
 
   @property
   def rep(self):
@@ -102,7 +113,14 @@ class QKVO(nnx.Module):
     q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+    q, k = self.norm_qk(q, k)
     return q, k, v
+
+  def norm_qk(self, q, k):
+    """q, k [B, T, heads, D] through q_norm / k_norm (Qwen3), unchanged without them."""
+    if self.q_norm is None:
+      return q, k
+    return self.q_norm(q), self.k_norm(k)
 
   def rotate(self, x, positions):
     """Rotary (HF rotate_half layout) of x [B, T, H, D] at positions [B, T]."""

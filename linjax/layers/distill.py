@@ -69,6 +69,7 @@ class DistillMixin:
     q = _base(self.q_proj)(x).reshape(B, T, H, D)
     k = _base(self.k_proj)(x).reshape(B, T, Hkv, D)
     v = _base(self.v_proj)(x).reshape(B, T, Hkv, D)
+    q, k = self.norm_qk(q, k)     # Qwen3's q/k norms, part of the teacher's projections
     return (self.rotate(q, positions), repeat_kv(self.rotate(k, positions), self.rep),
             repeat_kv(v, self.rep))
 

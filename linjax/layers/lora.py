@@ -1,13 +1,17 @@
-"""LoRA: low-rank adapters on chosen linear projections of any nnx model.
+"""LoRA: low-rank adapters on chosen linear projections of any nnx model, built on Flax's
+`nnx.LoRA`.
 
   apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"), rngs=...)
       replaces every attribute named in `targets` that is an `nnx.Linear` (or any module
       with a 2-D `kernel` param) by a `LoRALinear` wrapping it:
-          y = base(x) + (alpha / rank) * dropout(x) @ lora_a @ lora_b
-      `lora_a` [in, rank] (random, 1/sqrt(in) scaled), `lora_b` [rank, out] (zeros): the model
-      is unchanged until trained. Both are `linjax.layers.params.LoRAParam`, so
-      `nnx.Optimizer(model, tx, wrt=LoRAParam)` trains only them.
-      A target like "self_attn.q_proj" matches by path suffix.
+          y = base(x) + (alpha / rank) * lora(dropout(x)),   lora(h) = h @ lora_a @ lora_b
+      `lora` is an `nnx.LoRA` (no base module): `lora_a` [in, rank] (random, 1/sqrt(in)
+      scaled), `lora_b` [rank, out] (zeros), so the model is unchanged until trained. Both
+      are `linjax.layers.params.LoRAParam` (a subclass of `nnx.LoRAParam`), so
+      `nnx.Optimizer(model, tx, wrt=LoRAParam)` (or `wrt=nnx.LoRAParam`) trains only them.
+      A target like "self_attn.q_proj" matches by path suffix. Paths: the base weights stay
+      at `<proj>/base/kernel`, the adapters are `<proj>/lora/lora_a` / `lora_b` (the layout
+      of `nnx.LoRALinear`).
   merge_lora(model)   folds every adapter into its base kernel and puts the base module back:
       the model has its original structure (and parameter paths) again.
   save_lora(model, path) / load_lora(model, path)
@@ -16,7 +20,15 @@
       first if the model has none.
 
 Sharding: `lora_a` takes the base kernel's input logical axis, `lora_b` its output axis; the
-rank axis is replicated.
+rank axis is replicated (set through `nnx.LoRA`'s `a_metadata` / `b_metadata`).
+
+Why a wrapper around `nnx.LoRA` and not `nnx.LoRALinear` itself: NNX's LoRA has no
+alpha / rank scale (PEFT's `lora_alpha`, which `save_peft_adapter` exports) and no dropout
+on the adapter's input, and `nnx.LoRALinear` is a new `nnx.Linear` (it cannot wrap the
+structured FFN factors or keep the base projection's own parameters and metadata in place),
+while `merge_lora` must give back the model's original modules and paths and attention
+transfer reads the teacher's weights as `<proj>.base`. So the adapter math and parameters
+are `nnx.LoRA`'s; the wrapper adds the scale, the dropout and the base module.
 """
 from __future__ import annotations
 
@@ -37,8 +49,14 @@ def _axes(kernel) -> tuple:
   return tuple(names) if names else (None, None)
 
 
+def _a_init(key, shape, dtype):
+  """lora_a's init: normal / sqrt(in), drawn in float32."""
+  return (jax.random.normal(key, shape, jnp.float32) / np.sqrt(shape[0])).astype(dtype)
+
+
 class LoRALinear(nnx.Module):
-  """`base(x) + scale * dropout(x) @ lora_a @ lora_b`; `base` keeps its own parameters."""
+  """`base(x) + scale * lora(dropout(x))` with `lora` an `nnx.LoRA`; `base` keeps its own
+  parameters."""
 
   def __init__(self, base: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0,
                rngs: nnx.Rngs):
@@ -51,19 +69,26 @@ class LoRALinear(nnx.Module):
     self.base = base
     self.rank, self.alpha = int(rank), float(alpha)
     self.scale = float(alpha) / float(rank)
-    a = jax.random.normal(rngs.params(), (d_in, rank), jnp.float32) / np.sqrt(d_in)
-    self.lora_a = LoRAParam(a.astype(dtype), out_sharding=(in_ax, None), eager_sharding=False)
-    self.lora_b = LoRAParam(jnp.zeros((rank, d_out), dtype), out_sharding=(None, out_ax),
-                            eager_sharding=False)
+    self.lora = nnx.LoRA(
+        d_in, int(rank), d_out, dtype=dtype, param_dtype=dtype, a_initializer=_a_init,
+        b_initializer=nnx.initializers.zeros_init(), lora_param_type=LoRAParam, rngs=rngs,
+        a_metadata={"out_sharding": (in_ax, None), "eager_sharding": False},
+        b_metadata={"out_sharding": (None, out_ax), "eager_sharding": False})
     self.dropout_rate = float(dropout)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+  @property
+  def lora_a(self):
+    return self.lora.lora_a
+
+  @property
+  def lora_b(self):
+    return self.lora.lora_b
 
   def __call__(self, x):
     y = self.base(x)
     h = self.dropout(x) if self.dropout is not None else x
-    a, b = self.lora_a[...], self.lora_b[...]
-    lo = (h.astype(a.dtype) @ a) @ b
-    return y + (self.scale * lo).astype(y.dtype)
+    return y + (self.scale * self.lora(h)).astype(y.dtype)
 
   def delta(self):
     """The dense update `scale * lora_a @ lora_b` [in, out] in float32."""
@@ -170,6 +195,9 @@ def load_lora(model, path: str, rngs: nnx.Rngs | None = None):
   if not lora_modules(model):
     apply_lora(model, rngs=rngs, **cfg)
   tensors = load_file(os.path.join(path, "adapters.safetensors"))
+  # files written before the adapters moved into an nnx.LoRA: "<proj>.lora_a"
+  tensors.update({k.replace(".lora_a", ".lora.lora_a").replace(".lora_b", ".lora.lora_b"): v
+                  for k, v in tensors.items() if ".lora.lora_" not in k})
   state = nnx.state(model, LoRAParam)
   flat = dict(nnx.to_flat_state(state))
   missing = sorted(set(".".join(map(str, p)) for p in flat) - set(tensors))

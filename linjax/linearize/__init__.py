@@ -20,6 +20,7 @@ from flax import nnx
 from linjax.layers.mixers import build_mixer, check_mixer_kwargs
 
 SHARED = ("q_proj", "k_proj", "v_proj", "o_proj")
+QK_NORMS = ("q_norm", "k_norm")   # Qwen3's per-head q/k RMSNorms (None in other families)
 SOFTMAX = ("softmax", "sliding_window")
 
 
@@ -58,6 +59,13 @@ def _copy_linear(src, dst, name):
     d[...] = s[...].astype(d[...].dtype)
 
 
+def _copy_norm(src, dst, name):
+  if (src is None) != (dst is None):
+    raise ValueError(f"{name}: present in one of source / new mixer only")
+  if src is not None:
+    dst.weight[...] = src.weight[...].astype(dst.weight[...].dtype)
+
+
 def linearize(model, mixer: str = "lolcats", layers=None, *, seed: int = 0,
               inplace: bool = False, **mixer_kwargs):
   """Replace `self_attn` of `layers` (None: all; ints, a slice or a predicate) by `mixer`.
@@ -83,6 +91,8 @@ def linearize(model, mixer: str = "lolcats", layers=None, *, seed: int = 0,
     new = build_mixer(mixer, new_cfg, i, rngs=nnx.Rngs(seed + i), **mixer_kwargs)
     for name in SHARED:
       _copy_linear(getattr(old, name), getattr(new, name), f"layers[{i}].self_attn.{name}")
+    for name in QK_NORMS:
+      _copy_norm(getattr(old, name, None), getattr(new, name, None), f"layers[{i}].self_attn.{name}")
     layer.self_attn = new
   model.config = new_cfg
   return model

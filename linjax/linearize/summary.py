@@ -1,85 +1,99 @@
-"""Summarise the recipe runs in a results folder: one markdown table and one PNG.
+"""The linearization results table and plot, from trainer runs and one evaluation of them.
 
-    python -m linjax.linearize.summary experiments/results
+    linjax eval --teacher smollm2 --model runs/lolcats_paper_15m --model runs/... \
+        --baseline sliding_window:64:4 --baseline sliding_window:128:4 --suite quick --out E
+    python -m linjax.linearize.summary --eval E/results.json --runs runs/lolcats_paper_15m \
+        runs/... --out experiments/results/linearization
 
-Reads every `<name>.json` written by `python -m linjax.linearize.run` (files with a
-`ppl_ratio`), prints the table (recipe, tokens, student perplexity, ratio to the teacher,
-top-1 agreement, wall time, machine) and saves `linearization.png`: perplexity ratio and
-top-1 agreement per run against the number of training tokens, the 1.10 target drawn in.
-An optional `eval_quick_baselines.json` adds the no-training sliding-window baseline line.
+Each run is a trainer workdir (its summary.json gives the recipe, the training tokens per
+stage and the wall time); the evaluation (`linjax eval`, models named by their workdir's
+basename, the teacher and the no-training baselines scored in the same pass) gives the
+held-out numbers. Writes `<out>.md` (one row per model: training tokens, wall time,
+perplexity ratio, top-1 agreement and KL with 95% intervals, passkey and MQAR by length) and
+`<out>.png` (ratio, top-1 and KL against training tokens, the baselines as lines), and
+prints the table.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 
-TARGET_RATIO = 1.10
-HEADER = ("| run | tokens | student ppl | ratio | top-1 | wall | machine |\n"
-          "|---|---|---|---|---|---|---|")
 
-
-def load_runs(folder: str) -> list[dict]:
-  runs = []
-  for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-    with open(path) as f:
-      try:
-        r = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if isinstance(r, dict) and "ppl_ratio" in r:
-      runs.append(r)
-  return sorted(runs, key=lambda r: (r["ppl_ratio"], r["name"]))
-
-
-def table(runs: list[dict]) -> str:
-  rows = [f"| {r['name']} | {r['tokens']:,} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | "
-          f"{100 * r['top1']:.1f}% | {r['wall_seconds']:.0f} s | {r['machine']} |" for r in runs]
-  return "\n".join([HEADER] + rows)
-
-
-def baseline_ratio(folder: str):
-  """Perplexity ratio of the sliding-window baseline, from the quick suite's JSON if there
-  (`linjax eval --suite quick` keys its results by model name)."""
-  path = os.path.join(folder, "eval_quick_baselines.json")
+def load_run(workdir: str) -> dict:
+  path = os.path.join(workdir, "summary.json")
   if not os.path.exists(path):
-    return None
+    raise FileNotFoundError(f"{workdir}: no summary.json (not a finished trainer run)")
   with open(path) as f:
-    res = json.load(f)
-  ppl = {k: v.get("perplexity") for k, v in res.items() if isinstance(v, dict)}
-  teacher = next((v for k, v in ppl.items() if "teacher" in k), None)
-  sw = next((v for k, v in ppl.items() if k.startswith("sw")), None)
-  return sw / teacher if teacher and sw else None
+    s = json.load(f)
+  stages = s.get("stages", [])
+  return {"name": os.path.basename(os.path.normpath(workdir)),
+          "tokens": sum(int(x.get("tokens", 0)) for x in stages),
+          "stage_tokens": {x["stage"]: int(x.get("tokens", 0)) for x in stages},
+          "wall_s": float(s.get("wall_s", 0.0)),
+          "mixer": (s.get("config", {}).get("linearize") or {}).get("mixer", "softmax")}
 
 
-def plot(runs: list[dict], path: str, baseline=None) -> str:
+def _ci(r, key):
+  v, ci = r.get(key), r.get({"top1_agreement": "top1_ci"}.get(key, key + "_ci"))
+  if v is None:
+    return "-"
+  return f"{v:.3f} ({ci[0]:.3f}-{ci[1]:.3f})" if ci else f"{v:.3f}"
+
+
+def table(evaluation: dict, runs: dict) -> str:
+  lens = sorted({int(L) for r in evaluation.values() for L in r.get("passkey", {})})
+  head = (["model", "training tokens", "wall", "ppl", "ratio", "top-1 (95% CI)", "KL (95% CI)"]
+          + [f"passkey@{L}" for L in lens] + [f"MQAR@{L}" for L in lens])
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+  def order(item):
+    name, r = item
+    return (name in runs, -(r.get("top1_agreement") or 2.0))
+  for name, r in sorted(evaluation.items(), key=order):
+    run = runs.get(name)
+    cells = [name, "-" if run is None else f"{run['tokens']:,}",
+             "-" if run is None else f"{run['wall_s'] / 60:.1f} min",
+             f"{r['perplexity']:.2f}", f"{r['ppl_ratio']:.3f}" if "ppl_ratio" in r else "-",
+             _ci(r, "top1_agreement"), _ci(r, "kl")]
+    get = lambda task, L: r.get(task, {}).get(str(L), r.get(task, {}).get(L))
+    cells += [f"{get('passkey', L):.2f}" if get("passkey", L) is not None else "-" for L in lens]
+    cells += [f"{get('mqar', L):.2f}" if get("mqar", L) is not None else "-" for L in lens]
+    rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def plot(evaluation: dict, runs: dict, path: str) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.ticker import NullFormatter
-
-  fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-  for r in runs:
-    for ax, y in ((a1, r["ppl_ratio"]), (a2, 100 * r["top1"])):
-      ax.scatter(r["tokens"], y, s=40)
-      ax.annotate(r["name"], (r["tokens"], y), fontsize=7, xytext=(4, 3),
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+  keys = (("ppl_ratio", "held-out perplexity / teacher's"),
+          ("top1_agreement", "top-1 agreement with the teacher"),
+          ("kl", "KL(teacher || model) per token (nats)"))
+  baselines = {n: r for n, r in evaluation.items() if n not in runs and n != "teacher"}
+  for ax, (k, label) in zip(axes, keys):
+    for i, (n, r) in enumerate(sorted(baselines.items())):
+      if k in r:
+        ax.axhline(r[k], color=f"C{i + 5}", ls=":", lw=1.3, label=n)
+    for name, run in runs.items():
+      r = evaluation.get(name)
+      if r is None or k not in r:
+        continue
+      ci = r.get({"top1_agreement": "top1_ci"}.get(k, k + "_ci"))
+      yerr = None if not ci else [[r[k] - ci[0]], [ci[1] - r[k]]]
+      ax.errorbar(run["tokens"], r[k], yerr=yerr, fmt="o", ms=5, capsize=2)
+      ax.annotate(name, (run["tokens"], r[k]), fontsize=6, xytext=(3, 3),
                   textcoords="offset points")
-  a1.axhline(TARGET_RATIO, color="green", ls="--", lw=1, label=f"target {TARGET_RATIO}")
-  a1.axhline(1.0, color="gray", lw=0.8, label="teacher")
-  if baseline:
-    a1.axhline(baseline, color="orange", ls=":", lw=1.2,
-               label=f"sliding window 64 + 4 sinks ({baseline:.2f})")
-  a1.set_yscale("log")
-  a1.set_ylabel("held-out perplexity / teacher's")
-  a2.set_ylabel("top-1 agreement with the teacher (%)")
-  for ax in (a1, a2):
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training tokens")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3, which="both")
-  a1.legend(fontsize=7)
-  fig.suptitle("Linearized SmolLM2-135M: quality vs training tokens")
+  axes[0].axhline(1.0, color="gray", lw=0.8)
+  axes[1].legend(fontsize=7, loc="lower right")
+  fig.suptitle("Linearized SmolLM2-135M on the held-out split: quality vs training tokens")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -89,16 +103,23 @@ def plot(runs: list[dict], path: str, baseline=None) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m linjax.linearize.summary", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("folder", nargs="?", default="experiments/results")
-  p.add_argument("--png", default=None, help="default: <folder>/linearization.png")
+  p.add_argument("--eval", required=True, help="results.json of `linjax eval`")
+  p.add_argument("--runs", nargs="*", default=[], help="trainer workdirs")
+  p.add_argument("--out", required=True, help="output path stem (writes .md and .png)")
   args = p.parse_args(argv)
-  runs = load_runs(args.folder)
-  if not runs:
-    raise SystemExit(f"no recipe results (JSON with a ppl_ratio) in {args.folder}")
-  print(table(runs))
-  png = plot(runs, args.png or os.path.join(args.folder, "linearization.png"),
-             baseline_ratio(args.folder))
-  print(f"saved {png}")
+  with open(args.eval) as f:
+    evaluation = json.load(f)
+  runs = {r["name"]: r for r in map(load_run, args.runs)}
+  missing = sorted(set(runs) - set(evaluation))
+  if missing:
+    raise ValueError(f"runs not in {args.eval}: {missing} (evaluate them with linjax eval)")
+  text = table(evaluation, runs)
+  print(text)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out + ".md", "w") as f:
+    f.write(text + "\n")
+  print(f"saved {plot(evaluation, runs, args.out + '.png')} and {args.out}.md")
+  return text
 
 
 if __name__ == "__main__":

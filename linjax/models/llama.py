@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from linjax.layers.mixers import build_mixer
+from linjax.models import families
 from linjax.layers.mlp import dense, partitioned
 from linjax.layers.norms import RMSNorm
 from linjax.layers.rotary import SUPPORTED_ROPE_TYPES
@@ -58,11 +59,12 @@ _IGNORED_HF_KEYS = {
     "num_return_sequences", "num_beam_groups", "diversity_penalty", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens", "tf32", "quantization_config",
-    "label_smoothing", "_commit_hash", "layer_types",
+    "label_smoothing", "_commit_hash",
 }
 
 _LINJAX_FIELDS = ("mixers", "mixer_kwargs", "dtype", "param_dtype", "remat", "scan_layers",
                   "mlp", "mlp_rank", "mlp_blocks")
+# (model families: linjax.models.families; their switches may also sit under "linjax")
 
 
 @dataclasses.dataclass
@@ -86,6 +88,12 @@ class LlamaConfig:
   bos_token_id: Any = None
   eos_token_id: Any = None
   pad_token_id: Any = None
+  # the family (linjax.models.families): HF model_type and its switches
+  model_type: str = "llama"            # llama | mistral | qwen2 | qwen3
+  qkv_bias: bool = False               # q/k/v biases without an o_proj bias (Qwen2)
+  qk_norm: bool = False                # RMSNorm of q and k per head before rotary (Qwen3)
+  sliding_window: int | None = None    # softmax window of the sliding layers (Mistral, Qwen)
+  layer_types: tuple | None = None     # per layer full_attention | sliding_attention
   # linjax fields
   mixers: tuple | None = None          # per-layer mixer names; default all "softmax"
   mixer_kwargs: Any = None             # one dict for all layers, or a per-layer sequence
@@ -139,6 +147,12 @@ class LlamaConfig:
     if self.hidden_act not in ("silu",):
       raise UnsupportedConfigError(f"hidden_act {self.hidden_act!r} is not supported (silu)")
     _check_rope(self.rope_scaling)
+    try:
+      families.check_model_type(self.model_type)
+      self.layer_types = families.check_layer_types(self.layer_types, self.num_hidden_layers)
+      families._window(self.sliding_window, "LlamaConfig")
+    except families.UnsupportedFamilyError as e:
+      raise UnsupportedConfigError(str(e)) from None
 
   # hashable, so the config can sit in an nnx graphdef (jit cache key)
   def __hash__(self):
@@ -159,6 +173,10 @@ class LlamaConfig:
       return dict(self.mixer_kwargs)
     return dict(self.mixer_kwargs[i])
 
+  def layer_window(self, i: int):
+    """The softmax window of layer i in the teacher's architecture (None: full attention)."""
+    return families.layer_windows(self)[i]
+
   def replace(self, **kw) -> "LlamaConfig":
     return dataclasses.replace(self, **kw)
 
@@ -171,20 +189,19 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
-    """Build from an HF `config.json` dict (transformers 4 or 5 layout).
+    """Build from an HF `config.json` dict (transformers 4 or 5 layout) of a Llama, Mistral,
+    Qwen2 / Qwen2.5 or Qwen3 (`linjax.models.families`).
 
     A nested "linjax" dict (written by `to_hf`) restores the linjax fields; `overrides`
     win over both. Unknown keys or unsupported values raise `UnsupportedConfigError`.
     """
     hf = dict(hf)
     mt = hf.get("model_type")
-    if mt != "llama":
-      raise UnsupportedConfigError(
-          f"unsupported architecture: model_type={mt!r} (architectures="
-          f"{hf.get('architectures')}); linjax converts Llama-family models only")
-    archs = hf.get("architectures") or ["LlamaForCausalLM"]
-    if any(a not in ("LlamaForCausalLM", "LlamaModel") for a in archs):
-      raise UnsupportedConfigError(f"unsupported architectures {archs}")
+    try:
+      families.check_model_type(mt, hf.get("architectures"))
+      family = families.parse(mt, hf)
+    except families.UnsupportedFamilyError as e:
+      raise UnsupportedConfigError(str(e)) from None
     if hf.get("pretraining_tp", 1) != 1:
       raise UnsupportedConfigError(f"pretraining_tp={hf['pretraining_tp']} is not supported")
     hf.pop("pretraining_tp", None)
@@ -208,17 +225,21 @@ class LlamaConfig:
         scaling["rope_type"] = scaling.pop("type")
       scaling.pop("type", None)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in hf if k not in fields and k not in _IGNORED_HF_KEYS)
+    unknown = sorted(k for k in hf if (k not in fields and k not in _IGNORED_HF_KEYS)
+                     or k in families.FEATURES)   # a switch this family's HF config lacks
     if unknown:
-      raise UnsupportedConfigError(f"unsupported HF config keys (not implemented): {unknown}")
+      raise UnsupportedConfigError(f"unsupported HF config keys (not implemented) for "
+                                   f"model_type {mt!r}: {unknown}")
     kw = {k: v for k, v in hf.items()
           if k in fields and k not in _LINJAX_FIELDS and k not in ("rope_theta", "rope_scaling")}
     kw["rope_theta"] = float(theta)
     kw["rope_scaling"] = scaling
+    kw["model_type"] = mt
+    kw.update(family)
     if kw.get("head_dim") is None:
       kw.pop("head_dim", None)
     for k, v in (hf.get("linjax") or {}).items():
-      if k not in _LINJAX_FIELDS:
+      if k not in _LINJAX_FIELDS and k not in families.FEATURES:
         raise UnsupportedConfigError(f"unknown linjax config field {k!r}")
       kw[k] = v
     kw.update(overrides)
@@ -228,7 +249,8 @@ class LlamaConfig:
     """An HF `config.json` dict (transformers 4 and 5 both read it); linjax fields under
     "linjax" (transformers ignores them)."""
     d = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [families.ARCHITECTURES[self.model_type][0]],
+        "model_type": self.model_type,
         "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size,
         "num_hidden_layers": self.num_hidden_layers,
@@ -237,8 +259,7 @@ class LlamaConfig:
         "max_position_embeddings": self.max_position_embeddings,
         "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
         "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+        "tie_word_embeddings": self.tie_word_embeddings, **families.hf_keys(self),
         "hidden_act": self.hidden_act, "initializer_range": self.initializer_range,
         "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
         "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
@@ -249,6 +270,9 @@ class LlamaConfig:
     if not self.all_dense_mlp:
       d["linjax"].update(mlp=list(self.mlp), mlp_rank=list(self.mlp_rank),
                          mlp_blocks=list(self.mlp_blocks))
+    if not families.expressible(self):   # switches the family's HF keys cannot say
+      d["linjax"].update({k: (list(v) if isinstance(v, tuple) else v)
+                          for k, v in ((k, getattr(self, k)) for k in families.FEATURES)})
     return d
 
   @property

@@ -416,11 +416,13 @@ class Stage:
     eval_step = make_eval_step(graphdef, distill_gdef, teacher_gdef, self.objective, state_sh,
                                batch_sh, teacher_sh)
     steps = int(s.steps)
-    writer = MetricsWriter(self.dir, steps, start, enabled=run.is_main,
+    max_tokens, budget = int(s.tokens), float(s.time_budget_s)
+    # the bar counts steps; with a token / time budget the step count is not known ahead
+    bar_total = steps if not (max_tokens or budget) else (max_tokens // (gb * seq) or None)
+    writer = MetricsWriter(self.dir, bar_total, start, enabled=run.is_main,
                            progress=bool(run.cfg.progress),
                            resume_step=start if latest is not None else None)
     tok_per_step = gb * seq
-    max_tokens, budget = int(s.tokens), float(s.time_budget_s)
 
     def progress_of(step, tokens, elapsed):
       p = step / max(steps, 1)
@@ -486,7 +488,8 @@ class Stage:
           for k, v in metrics.items():
             acc[k] = acc.get(k, 0.0) + float(v)
           acc_n += 1
-          writer.progress(1, loss=loss, lr=f"{lr:.2g}")
+          writer.progress(1, loss=loss, lr=f"{lr:.2g}",
+                          **({"left": f"{max(budget - elapsed, 0):.0f}s"} if budget else {}))
           if step % int(s.log_every) == 0 or step == steps:
             writer.write(step, {k: v / acc_n for k, v in acc.items()})
             acc, acc_n = {}, 0

@@ -7,6 +7,11 @@ Written by `linjax.save_pretrained` for a model with any non-softmax mixer; load
   mixers        one mixer name for every layer, or a list with one per layer
   mixer_kwargs  {mixer name: kwargs} (shared by every layer of that mixer) or a list of dicts,
                 one per layer
+  base_model_type  the family the model was linearized from (llama, mistral, qwen2, qwen3)
+  qkv_bias      q/k/v biases without an o_proj bias (Qwen2)
+  qk_norm       RMSNorm of q and k per head before rotary (Qwen3)
+  sliding_window, layer_types   the teacher's sliding window (Mistral: every layer; Qwen: the
+                layers layer_types marks "sliding_attention"), the default of softmax layers
 
 Mixer names and kwargs are linjax's (see `linjax_spec.MIXERS`).
 """
@@ -26,6 +31,11 @@ class LinjaxLlamaConfig(LlamaConfig):
   model_type = MODEL_TYPE
   mixers: str | list | None = None
   mixer_kwargs: dict | list | None = None
+  base_model_type: str = "llama"
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int | None = None
+  layer_types: list | None = None
 
   def __post_init__(self, **kwargs):
     super().__post_init__(**kwargs)

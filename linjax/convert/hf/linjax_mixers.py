@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from . import linjax_ops as ops
 from .linjax_ops import F32  # noqa: F401 (a `from .x import` line is how transformers finds x.py)
@@ -58,7 +59,9 @@ class FeatureMap(nn.Module):
 
 
 class Mixer(nn.Module):
-  """q/k/v/o projections laid out like the Llama's softmax attention (HF names)."""
+  """q/k/v/o projections laid out like the Llama's softmax attention (HF names): biases on all
+  four (`attention_bias`) or on q/k/v only (`qkv_bias`, Qwen2), and with `qk_norm` (Qwen3) an
+  RMSNorm of q and k per head (`q_norm`, `k_norm`) before rotary."""
 
   def __init__(self, config, layer_idx):
     super().__init__()
@@ -70,17 +73,26 @@ class Mixer(nn.Module):
     self.head_dim = D = config.head_dim
     self.rep = H // Hkv
     self.use_fla = getattr(config, "use_fla", True)
-    b = config.attention_bias
-    self.q_proj = nn.Linear(h, H * D, bias=b)
-    self.k_proj = nn.Linear(h, Hkv * D, bias=b)
-    self.v_proj = nn.Linear(h, Hkv * D, bias=b)
+    b = bool(config.attention_bias)
+    bqkv = b or bool(getattr(config, "qkv_bias", False))
+    self.q_proj = nn.Linear(h, H * D, bias=bqkv)
+    self.k_proj = nn.Linear(h, Hkv * D, bias=bqkv)
+    self.v_proj = nn.Linear(h, Hkv * D, bias=bqkv)
     self.o_proj = nn.Linear(H * D, h, bias=b)
+    if getattr(config, "qk_norm", False):
+      self.q_norm = LlamaRMSNorm(D, eps=config.rms_norm_eps)
+      self.k_norm = LlamaRMSNorm(D, eps=config.rms_norm_eps)
+    else:
+      self.q_norm = self.k_norm = None
 
   def project(self, x):
     B, T, _ = x.shape
-    return (self.q_proj(x).view(B, T, self.num_heads, self.head_dim),
-            self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
-            self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
+    q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+    k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
 
   def out(self, o, x):
     B, T = o.shape[:2]
@@ -89,14 +101,29 @@ class Mixer(nn.Module):
 
 # --- softmax ----------------------------------------------------------------------------
 
+def layer_window(config, layer_idx):
+  """The teacher's softmax window of a layer: `sliding_window` on the layers `layer_types`
+  marks "sliding_attention" (every layer when layer_types is None), else None."""
+  w = getattr(config, "sliding_window", None)
+  types = getattr(config, "layer_types", None)
+  if w is None or (types is not None and types[layer_idx] != "sliding_attention"):
+    return None
+  return int(w)
+
+
 class SoftmaxAttention(Mixer):
-  """Causal softmax attention; `window` keeps the last `window` keys plus `num_sinks` first."""
+  """Causal softmax attention; `window` keeps the last `window` keys plus `num_sinks` first
+  (default: the config's sliding window of this layer, if any)."""
 
   default_window, default_num_sinks = None, 0
 
   def __init__(self, config, layer_idx, window=-1, num_sinks=-1):
     super().__init__(config, layer_idx)
-    self.window = self.default_window if window == -1 else window
+    if window == -1:
+      window = self.default_window
+      if window is None:
+        window = layer_window(config, layer_idx)
+    self.window = window
     self.num_sinks = self.default_num_sinks if num_sinks == -1 else int(num_sinks)
 
   def visible(self, qp, kp):
@@ -177,7 +204,10 @@ class LinearMixer(Mixer):
       return o[..., :-1] / (o[..., -1:] + self.eps)
     if self.normalize == "groupnorm":
       mu = o.mean(-1, keepdim=True)
-      return (o - mu) * torch.rsqrt(((o - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
+      o = (o - mu) * torch.rsqrt(((o - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
+      if getattr(self, "norm_scale", None) is not None:   # per-head affine (SUPRA option)
+        o = o * self.norm_scale.to(F32) + self.norm_bias.to(F32)
+      return o
     if self.normalize == "rmsnorm":
       o = o * torch.rsqrt((o * o).mean(-1, keepdim=True) + 1e-5)
       return o * self.o_norm.to(F32)
@@ -330,11 +360,12 @@ class GatedDeltaNet(DeltaNet):
 
 class Supra(LinearMixer):
   """SUPRA: phi = rotary(relu(W x + b)) over the concatenated heads (one W for q and k under
-  MHA, one each under GQA), a fixed per-head decay, GroupNorm instead of the denominator."""
+  MHA, one each under GQA), a fixed per-head decay, GroupNorm instead of the denominator;
+  `norm_affine`: a per-head, per-channel affine after it (`norm_scale`, `norm_bias` [H, D])."""
 
   normalize = "groupnorm"
 
-  def __init__(self, config, layer_idx, decay="alibi"):
+  def __init__(self, config, layer_idx, decay="alibi", norm_affine=False):
     super().__init__(config, layer_idx)
     H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
     self.feat_dim = D
@@ -344,6 +375,8 @@ class Supra(LinearMixer):
     if not self.tied:
       self.phi_k_w = nn.Parameter(torch.eye(Hkv * D))
       self.phi_k_b = nn.Parameter(torch.zeros(Hkv * D))
+    self.norm_scale = nn.Parameter(torch.ones(H, D)) if norm_affine else None
+    self.norm_bias = nn.Parameter(torch.zeros(H, D)) if norm_affine else None
     self.decay = decay
     self.log_decay = decay_log(decay, H, layer_idx, self.num_layers).tolist()
 

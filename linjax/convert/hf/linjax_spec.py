@@ -35,9 +35,11 @@ MIXERS = {
                      normalize="rmsnorm"),
     "gated_deltanet": dict(feature_map="silu_l2", allow_neg_eigval=False, gated=True,
                            rotary="before", normalize="rmsnorm"),
-    "supra": dict(decay="alibi"),
-    "lolcats": dict(window=64, variant="sw", feature_map="hedgehog", init_window_factor=0.1),
-    "liger": dict(window=64, gate_logit_normalizer=16.0, mix=0.5),
+    "supra": dict(decay="alibi", norm_affine=False),
+    "lolcats": dict(window=64, variant="sw", feature_map="hedgehog", init_window_factor=0.1,
+                    num_sinks=0, init_linear_factor=None),
+    "liger": dict(window=64, gate_logit_normalizer=16.0, mix=0.5, num_sinks=0, normalize=False,
+                  learn_mix=False),
 }
 
 

@@ -65,10 +65,12 @@ def contiguous(positions, valid, absolute=False):
 
 
 def blocked_window(q, k, v, *, window, in_window, valid=None, scale, weights=None,
-                   return_parts=False):
+                   return_parts=False, sinks=0):
   """Softmax attention of each query over the keys of its own and the previous block of
-  `window` tokens that `in_window(i, j)` (token indices) admits; k, v per query head.
-  O(T * window) memory. Same outputs as `ops.masked_attention` over those keys."""
+  `window` tokens that `in_window(i, j)` (token indices) admits, plus (sinks > 0) the first
+  `sinks` tokens, attention sinks, wherever they lie; k, v per query head.
+  O(T * (window + sinks)) memory. Same outputs as `ops.masked_attention` over those keys
+  (with sinks, token index must equal position: `contiguous(..., absolute=True)`)."""
   B, T, H, D = q.shape
   W = window
   nb = -(-T // W)
@@ -89,12 +91,30 @@ def blocked_window(q, k, v, *, window, in_window, valid=None, scale, weights=Non
   s = torch.einsum("bnihd,bnjhd->bnhij", qb, k2) * scale
   okh = ok[:, :, None]
   s = _where(okh, s, ops.NEG)
-  m = s.amax(-1, keepdim=True)
+  m = s.amax(-1, keepdim=True)                                          # [B, nb, H, W, 1]
+  S = min(int(sinks), T)
+  if S:  # sinks before the previous block: their own scores, one max shared with the blocks
+    ti, sj = torch.arange(T, device=dev)[:, None], torch.arange(S, device=dev)[None]
+    far = ((sj < (torch.div(ti, W, rounding_mode="floor") - 1) * W) & (sj <= ti))[None]
+    if valid is not None:
+      far = far & valid[:, None, :S]
+    far = far[:, :, None].expand(B, T, H, S)                            # [B, T, H, S]
+    sf = _where(far, torch.einsum("bthd,bshd->bths", q.to(F32), k[:, :S].to(F32)) * scale,
+                ops.NEG)
+    mf = blocks(sf.amax(-1)).permute(0, 1, 3, 2)[..., None]             # [B, nb, H, W, 1]
+    m = torch.maximum(m, mf)
   p = _where(okh, torch.exp(s - m))
   if weights is not None:
     p = p * weights.to(F32)[None, None, :, None, None]
   num = torch.einsum("bnhij,bnjhv->bnihv", p, v2).reshape(B, nb * W, H, -1)[:, :T]
   den = p.sum(-1).transpose(2, 3).reshape(B, nb * W, H)[:, :T]
+  if S:
+    mt = m[..., 0].permute(0, 1, 3, 2).reshape(B, nb * W, H)[:, :T]     # [B, T, H]
+    pf = _where(far, torch.exp(sf - mt[..., None]))
+    if weights is not None:
+      pf = pf * weights.to(F32)[None, None, :, None]
+    num = num + torch.einsum("bths,bshv->bthv", pf, v[:, :S].to(F32))
+    den = den + pf.sum(-1)
   if return_parts:
     return num, den
   return num / torch.where(den > 0, den, torch.ones_like(den))[..., None]

@@ -170,6 +170,10 @@ class LinjaxLlamaPreTrainedModel(PreTrainedModel):
     elif isinstance(module, Lolcats):
       f = module.init_window_factor
       init.constant_(module.window_factors, math.log(f) - math.log1p(-f))
+      if module.linear_factors is not None:
+        init.constant_(module.linear_factors, float(module.init_linear_factor))
+    elif isinstance(module, Liger) and module.window_mix is not None:
+      init.constant_(module.window_mix, module.mix)
     elif isinstance(module, GLA):
       std = self.config.initializer_range
       init.normal_(module.gk_w1, std=std)
@@ -187,6 +191,9 @@ class LinjaxLlamaPreTrainedModel(PreTrainedModel):
           () if module.tied else ((module.phi_k_w, module.phi_k_b),)):
         init.copy_(w, torch.eye(w.shape[0]))
         init.zeros_(b)
+      if module.norm_scale is not None:
+        init.ones_(module.norm_scale)
+        init.zeros_(module.norm_bias)
 
 
 def _valid_mask(attention_mask, T):
