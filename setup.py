@@ -42,7 +42,7 @@ setup(
     description="Linear attention and LLM linearization (SUPRA, LoLCATs, Liger, GLA, DeltaNet) in JAX",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",   # the jax / flax / orbax / numpy releases it needs
     packages=find_packages(include=["linjax", "linjax.*", "pallas_kernels", "pallas_kernels.*"]),
     # linjax.convert.hf: the PyTorch modeling code copied into HF exports of linearized models
     package_data={"linjax.eval": ["tasks/*"], "linjax.convert.hf": ["*.py"]},
@@ -50,7 +50,8 @@ setup(
     extras_require={
         "torch": TORCH,
         "dev": DEV,
-        "gpu": ["jax[cuda12]", "jax-triton>=0.3"],
+        # the kernels lower through Pallas' own Triton backend: no jax-triton needed
+        "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["linjax=linjax.cli:main"]},

@@ -17,16 +17,12 @@ import time
 import jax
 import jax.numpy as jnp
 
+from _timing import median_seconds
+
 
 def bench(f, *a, n=3):
-  f = jax.jit(f)
-  jax.block_until_ready(f(*a))
-  ts = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*a))
-    ts.append(time.perf_counter() - t)
-  return sorted(ts)[len(ts) // 2] * 1e3
+  """Median milliseconds of jit(f)(*a)."""
+  return median_seconds(jax.jit(f), a, n) * 1e3
 
 
 def main(argv=None):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -29,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 from linjax.layers import structured_mlp as sm  # noqa: E402
 from linjax.models.llama import LlamaConfig  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 WIDTHS = {"SmolLM2-135M": (576, 1536, 4096), "Llama-3-8B": (4096, 14336, 512)}
 
@@ -58,16 +58,6 @@ def build(h, m, kw, dtype):
   return nnx.merge(gdef, jax.tree.unflatten(tree, vals))
 
 
-def time_fn(fn, args, reps):
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
 def bench(h, m, n, kw, reps, dtype="float32"):
   mlp = build(h, m, kw, dtype)
   gdef, params = nnx.split(mlp)
@@ -83,8 +73,8 @@ def bench(h, m, n, kw, reps, dtype="float32"):
     return jax.grad(lambda p, x: (nnx.merge(gdef, p)(x) * dy).sum(), argnums=(0, 1))(params, x)
 
   n_params = sum(a.size for a in jax.tree.leaves(params))
-  t_f = time_fn(fwd, (params, x), reps)
-  t_b = time_fn(fwd_bwd, (params, x, dy), reps)
+  t_f = median_seconds(fwd, (params, x), reps)
+  t_b = median_seconds(fwd_bwd, (params, x, dy), reps)
   return n_params, t_f, t_b
 
 

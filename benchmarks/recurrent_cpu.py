@@ -35,6 +35,7 @@ from flax import nnx  # noqa: E402
 from linjax.models.llama import Llama, LlamaConfig  # noqa: E402
 from linjax.models.recurrent_transformer import (RecurrentTransformer,  # noqa: E402
                                                  RecurrentTransformerConfig)
+from _timing import median_seconds  # noqa: E402
 
 LLAMA = dict(vocab_size=259, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -56,16 +57,6 @@ def n_params(m):
   return sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
 
 
-def timed(fn, args, reps):
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
 def bench(name, T, reps, passes):
   m = build(name)
   gdef, st = nnx.split(m)
@@ -85,9 +76,9 @@ def bench(name, T, reps, passes):
     return jax.grad(loss)(st)
 
   if "fwd" in passes:
-    out["fwd"] = timed(fwd, (st, x), reps)
+    out["fwd"] = median_seconds(fwd, (st, x), reps)
   if "fwd+bwd" in passes and T <= LIMITS.get((name, "fwd+bwd"), 1 << 30):
-    out["fwd+bwd"] = timed(fwd_bwd, (st, x, y), reps)
+    out["fwd+bwd"] = median_seconds(fwd_bwd, (st, x, y), reps)
   if "decode" in passes:
     prefill_T = T if T <= LIMITS.get((name, "decode-prefill"), 1 << 30) else None
     if prefill_T is not None:

@@ -5,6 +5,9 @@
                   --temperature 0 --top-p 1.0 --seed 0]   (one prompt streams; several
                   run as one left-padded batch)
   linjax train --config experiments/x.py:arg --workdir DIR     (forwards to linjax.train)
+  linjax linearize --config experiments/lolcats_smollm2.py:demo --workdir DIR
+                  (the same training loop; a linearization recipe is a train config whose
+                  `linearize` field swaps the mixers before its stages run)
   linjax eval ...                                               (forwards to linjax.eval.cli)
 
 SRC / --model: anything `linjax.from_pretrained` reads (HF dir, .gguf, state_dict file with a
@@ -75,6 +78,8 @@ def _generate(args):
 def _parser():
   p = argparse.ArgumentParser(prog="linjax", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  from linjax import __version__
+  p.add_argument("--version", action="version", version=f"linjax {__version__}")
   sub = p.add_subparsers(dest="cmd", required=True)
   c = sub.add_parser("convert", help="convert a checkpoint (to linjax/orbax or to HF)")
   c.add_argument("src")
@@ -97,7 +102,12 @@ def _parser():
                  help="softmax layers' method: auto, chunk, cudnn, pallas, parallel")
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   g.add_argument("--echo", action="store_true", help="print the prompt first")
-  sub.add_parser("train", help="linjax.train (absl flags: --config, --workdir)", add_help=False)
+  sub.add_parser("train", help="run a config of the training loop: --config FILE.py:ARG "
+                 "--workdir DIR [--config.FIELD=VALUE ...] (linjax train --help: every flag)",
+                 add_help=False)
+  sub.add_parser("linearize", help="run a linearization recipe (a train config with a "
+                 "`linearize` field): --config experiments/RECIPE.py:ARG --workdir DIR",
+                 add_help=False)
   sub.add_parser("eval", help="linjax.eval.cli", add_help=False)
   return p
 
@@ -129,10 +139,10 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-  if argv and argv[0] == "train":
+  if argv and argv[0] in ("train", "linearize"):
     from absl import app
     from linjax.train.__main__ import main as train_main
-    app.run(train_main, argv=["linjax train"] + argv[1:])
+    app.run(train_main, argv=[f"linjax {argv[0]}"] + argv[1:])
     return 0
   if argv and argv[0] == "eval":
     from linjax.eval.cli import main as eval_main

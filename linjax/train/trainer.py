@@ -44,9 +44,10 @@ from flax import nnx
 
 from linjax.data import pipeline
 from linjax.train import checkpoints as ckpt_lib
+from linjax.train.checkpoints import ResumeConfigError, check_resume_config
 from linjax.train import objectives as obj_lib
 from linjax.train import optim as optim_lib
-from linjax.train.config import (ConfigError, computation_differences, debug_at,
+from linjax.train.config import (ConfigError, debug_at,
                                  ordered_stages, resolve, trainable_parts)
 from linjax.train.metrics import MetricsWriter
 
@@ -395,10 +396,12 @@ class Stage:
     best_ck = None
     save_filter = nnx.Any(wrt, nnx.Not(nnx.Param)) if run.cfg.ckpt.trainable_only else ...
     start, position, tokens, elapsed, best = 0, 0, 0, 0.0, None
-    latest = ck.latest_step()
-    if latest is not None:
-      model, optimizer = nnx.merge(graphdef, state)
-      ms, os_, meta = ck.restore(latest, nnx.state(model, save_filter), nnx.state(optimizer))
+    model, optimizer = nnx.merge(graphdef, state)
+    # the newest step whose arrays read back with their checksums (damaged ones are named)
+    restored = ck.restore_latest_intact(nnx.state(model, save_filter), nnx.state(optimizer))
+    latest = None if restored is None else restored[0]
+    if restored is not None:
+      _, ms, os_, meta = restored
       nnx.update(model, ms)
       nnx.update(optimizer, os_)
       state = jax.device_put(nnx.state((model, optimizer)), state_sh)
@@ -590,11 +593,12 @@ def _check_saved_config(cfg, workdir):
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    diffs = computation_differences(saved, json.loads(cfg.to_json()))
-    if diffs and not cfg.allow_config_change:
+    try:
+      check_resume_config(saved, json.loads(cfg.to_json()), allow=bool(cfg.allow_config_change))
+    except ResumeConfigError as e:
       raise ConfigError(
-          f"{workdir} holds a run with a different config: {', '.join(diffs)}; use another "
-          "workdir, or pass --config.allow_config_change=True to resume anyway")
+          f"{workdir} holds a run with a different config: {'; '.join(e.fields)}; use another "
+          "workdir, or pass --config.allow_config_change=True to resume anyway") from None
   elif jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
