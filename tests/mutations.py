@@ -2,6 +2,8 @@
 
     .venv/bin/python tests/mutations.py            # every mutation (minutes on 2 cores)
     .venv/bin/python tests/mutations.py sinks      # those whose name contains "sinks"
+    .venv/bin/python tests/mutations.py --control  # the same tests on the unmutated copy
+                                                   # (they must pass: "caught" means something)
 
 Each mutation is a one-line source edit applied to a scratch copy of the repo (the working
 tree is never touched) and the default-suite tests named for it are run there; the mutation
@@ -86,6 +88,12 @@ def run(selected):
 
 
 if __name__ == "__main__":
-  pat = sys.argv[1] if len(sys.argv) > 1 else ""
-  rows = run([m for m in MUTATIONS if pat in m[0]])
-  sys.exit(0 if all(r[3] for r in rows) else 1)
+  args = sys.argv[1:]
+  control = "--control" in args
+  pat = next((a for a in args if not a.startswith("--")), "")
+  chosen = [m for m in MUTATIONS if pat in m[0]]
+  if control:   # unmutated: every listed test must pass in the scratch copy
+    chosen = [("control: " + n, p, o, o, t) for n, p, o, _, t in chosen]
+  rows = run(chosen)
+  ok = all(not r[3] for r in rows) if control else all(r[3] for r in rows)
+  sys.exit(0 if ok else 1)

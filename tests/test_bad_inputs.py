@@ -206,3 +206,18 @@ def test_cli_user_errors_are_one_line_and_debug_keeps_the_traceback(tmp_path, ca
     main(["--debug", "generate", "--model", "HuggingFaceTB/SmolLM2-135M", "--prompt", "x"])
   with pytest.raises(UnsupportedFormatError):
     main(["convert", str(bad), str(tmp_path / "o2"), "--debug"])
+
+
+def test_ops_check_the_values_they_are_given():
+  """The ops call the value checks on concrete inputs (a bad beta / gate is named, never
+  computed with)."""
+  from linjax.ops import delta_rule, gla
+  q = jnp.ones((1, 10, 2, 8))
+  with pytest.raises(ValueError, match=r"`beta` must be in \[0, 2\].*got 2.5"):
+    delta_rule(q, q, q, jnp.full((1, 10, 2), 2.5))
+  with pytest.raises(ValueError, match="`g` holds log decays and must be <= 0"):
+    gla(q, q, q, jnp.full((1, 10, 2), 0.25))
+  with pytest.raises(ValueError, match="`g` holds log decays"):
+    delta_rule(q, q, q, jnp.full((1, 10, 2), 0.5), jnp.full((1, 10, 2), 0.1))
+  o, _ = gla(q, q, q, jnp.full((1, 10, 2), -jnp.inf))     # a full reset each step is fine
+  assert bool(jnp.isfinite(o).all())

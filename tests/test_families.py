@@ -55,6 +55,13 @@ def test_family_matches_transformers_and_exports_back(name, tmp_path):
   ours = np.asarray(model(jnp.asarray(TOKS))[0])
   assert np.abs(ours - ref).max() <= 2e-4, name
   assert model.config.model_type == name.split("_")[0]
+  # greedy decoding (KV cache, the sliding window's ring where the family has one) gives
+  # transformers' tokens, past the 8-token window
+  from linjax.generate import generate
+  prompt = [int(t) for t in TOKS[0, :6]]
+  ref_ids = m.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+  assert generate(model, [prompt], max_new_tokens=14)[0] == ref_ids
   out = save_pretrained(model, tmp_path / "back")
   back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert type(back).__name__ == FAMILIES[name][1]

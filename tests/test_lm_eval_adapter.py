@@ -72,9 +72,9 @@ def test_plain_lm_eval_cli_with_the_pth_plugin(tmp_path):
   code = ("import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval'] + sys.argv[2:]; "
           "assert 'linjax.eval.lm_eval_adapter' not in sys.modules; "
           "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
-  args = ["--model", "linjax", "--model_args", f"path={tmp_path / 'model'},max_length=32",
+  args = ["--model", "linjax", "--model_args", f"path={tmp_path / 'model'},max_length=32,batch_size=4",
           "--tasks", "linjax_tiny_mc", "--include_path", TASKS_DIR, "--output_path",
-          str(out_dir), "--batch_size", "4"]
+          str(out_dir), "--batch_size", "2"]   # model_args' batch_size wins, no TypeError
   out = subprocess.run([sys.executable, "-c", code, str(site_dir)] + args,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
@@ -88,6 +88,14 @@ def test_install_plugin_writes_pth(tmp_path):
   assert open(p).read() == "import linjax.eval._lm_eval_hook\n"
   assert main(["--tasks-dir"]) == 0
   assert os.path.exists(os.path.join(TASKS_DIR, "linjax_tiny_mc.yaml"))
+  # the documented wrapper, run as a script with the .pth plugin active: "linjax" is
+  # registered once (no "'model' alias 'linjax' already registered")
+  code = ("import runpy, site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['x', '--tasks-dir']; "
+          "runpy.run_module('linjax.eval.lm_eval_adapter', run_name='__main__')")
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == TASKS_DIR
 
 
 def _word_tokenizer():

@@ -49,7 +49,15 @@ def _bucket(n: int, cap: int) -> int:
   return min(cap, -(-n // 64) * 64)
 
 
-@register_model("linjax")
+def _register(cls):
+  """register_model("linjax") for the importable module only: run as a script
+  (`python -m linjax.eval.lm_eval_adapter`), this file is `__main__`, whose class lm-eval would
+  see as a second, different "linjax" beside the .pth plugin's placeholder; the script then
+  imports the real module, which registers (or upgrades the placeholder) once."""
+  return cls if __name__ == "__main__" else register_model("linjax")(cls)
+
+
+@_register
 class LinjaxLM(TemplateLM):
   """lm-eval `LM` for linjax models (softmax teachers and linearized students alike).
 
@@ -62,6 +70,16 @@ class LinjaxLM(TemplateLM):
     dtype: "float32" or "bfloat16", passed to `linjax.from_pretrained`.
   Raises ValueError when neither `path` nor `model` + `tokenizer` is given.
   """
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+    """`--model_args k=v,...` plus the CLI's own settings (`--batch_size`, `--device`, ...);
+    a key given in both (`batch_size=8` in model_args and lm-eval's default --batch_size)
+    takes the model_args value instead of raising "multiple values for keyword argument"."""
+    args = lm_utils.simple_parse_args_string(arg_string)
+    extra = {k: v for k, v in (additional_config or {}).items()
+             if v is not None and k not in args}
+    return cls(**args, **extra)
 
   def __init__(self, path: str | None = None, model=None, tokenizer=None, batch_size=8,
                max_length: int | None = None, max_gen_toks: int = 256,
@@ -250,4 +268,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from linjax.eval import lm_eval_adapter as _adapter   # the registered module, not __main__
+  sys.exit(_adapter.main())

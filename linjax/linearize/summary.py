@@ -103,13 +103,17 @@ def plot(evaluation: dict, runs: dict, path: str) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m linjax.linearize.summary", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--eval", required=True, help="results.json of `linjax eval`")
+  p.add_argument("--eval", required=True, help="results.json of `linjax eval` (or a trainer "
+                 "workdir's evaluation.json, with that one workdir in --runs)")
   p.add_argument("--runs", nargs="*", default=[], help="trainer workdirs")
   p.add_argument("--out", required=True, help="output path stem (writes .md and .png)")
   args = p.parse_args(argv)
   with open(args.eval) as f:
     evaluation = json.load(f)
   runs = {r["name"]: r for r in map(load_run, args.runs)}
+  if len(runs) == 1 and "student" in evaluation and not set(runs) & set(evaluation):
+    # a trainer's own end-of-run evaluation.json: its "student" is the run
+    evaluation[next(iter(runs))] = evaluation.pop("student")
   missing = sorted(set(runs) - set(evaluation))
   if missing:
     raise ValueError(f"runs not in {args.eval}: {missing} (evaluate them with linjax eval)")

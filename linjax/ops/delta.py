@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from linjax.ops import varlen
-from linjax.ops._checks import check_rank
+from linjax.ops._checks import (check_beta, check_cu_seqlens_values, check_log_gates,
+                                check_rank)
 from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
                                 masked_exp, pad_time, pallas_kernel, resolve_method,
                                 segment_runs)
@@ -50,6 +51,11 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     Other arguments (segment_ids included) as `linjax.ops.gla`.
   """
   L = _check_inputs(q, k, v, None, initial_state, cu_seqlens, chunk_size, False, max_seqlen)
+  # values: checked when concrete; traced ones only under traced_value_checks()
+  check_beta(beta)
+  check_log_gates(g)
+  if cu_seqlens is not None:
+    check_cu_seqlens_values(cu_seqlens, q.shape[1])
   B, T, H, K = q.shape
   if getattr(beta, "shape", None) != (B, T, H):
     raise ValueError(f"`beta` must have shape [B, T, H] = {(B, T, H)}, got "

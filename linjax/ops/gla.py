@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from linjax.ops import varlen
-from linjax.ops._checks import check_rank
+from linjax.ops._checks import (check_cu_seqlens_values, check_log_gates, check_rank)
 from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
                                 masked_exp, pad_time, pallas_kernel, resolve_method,
                                 segment_runs)
@@ -117,6 +117,10 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=F
   """
   L = _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size, normalize, max_seqlen,
                     extra_v=1 if normalize else 0)
+  # values: checked when concrete; traced ones only under traced_value_checks()
+  check_log_gates(g)
+  if cu_seqlens is not None:
+    check_cu_seqlens_values(cu_seqlens, q.shape[1])
   K = q.shape[-1]
   scale = K ** -0.5 if scale is None else scale
   method = check_segment_ids(segment_ids, *q.shape[:2], cu_seqlens, method)
