@@ -16,7 +16,6 @@ import argparse
 import functools
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -27,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from linjax import ops  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 METHODS = ("recurrent", "parallel", "chunk", "assoc_scan")
 COLUMNS = ("softmax",) + METHODS
@@ -60,14 +60,7 @@ def time_one(method, passes, T, H, D, chunk_size, reps):
   v = jax.random.normal(ks[2], (1, T, H, D))
   g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (1, T, H)) + 4.0)
   args = (q, k, v, g) if passes == "fwd" else (q, k, v, g, jax.random.normal(ks[4], v.shape))
-  fn = make_fn(method, passes, T, H, D, chunk_size)
-  jax.block_until_ready(fn(*args))                           # compile + warm-up
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_seconds(make_fn(method, passes, T, H, D, chunk_size), args, reps)
 
 
 def run(lengths, columns, passes_list, H, D, chunk_size, reps_for, log):
