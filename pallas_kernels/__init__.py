@@ -2,7 +2,7 @@
 rule. Depends only on jax. GPU lowering: Pallas Triton; TPU lowering: Pallas Mosaic; on CPU the
 same kernels run in Pallas' interpreter (`interpret=True`, or automatically on a CPU backend).
 
-Conventions (DESIGN.md): q, k [B,T,H,K]; v [B,T,H,V]; g None | [B,T,H] | [B,T,H,K] (log
+Conventions (those of `linjax.ops`, see `linjax/ops/reference.py`): q, k [B,T,H,K]; v [B,T,H,V]; g None | [B,T,H] | [B,T,H,K] (log
 forget gate <= 0); beta [B,T,H]; state [B,H,K,V] float32; o in the input dtype.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Chunkwise gated linear attention (no gate / per-head gate / per-channel GLA gate) in Pallas.
 
-  S_t = exp(g_t) * S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t      (DESIGN.md)
+  S_t = exp(g_t) * S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t      (linjax/ops/reference.py)
 
 In the kernel layout of `_common.py` (chunk size C, b = chunk-local fp32 cumsum of g, h_c the
 state entering chunk c):

@@ -1,6 +1,6 @@
 """Token-by-token recurrences with `lax.scan` in float32: the ground truth for every method.
 
-Nothing here is fast; everything here is obviously the math in DESIGN.md. Every other
+Nothing here is fast; everything here is obviously the math written in each docstring. Every other
 method (parallel, chunk, assoc_scan, pallas, sequence parallel) is tested against these.
 
 Conventions (flash-linear-attention's):

@@ -1,7 +1,7 @@
 """Logical axis names -> mesh axes, and shardings for parameters, batches and new models.
 
 Every parameter names its logical axes with `nnx.with_partitioning(init, ("embed", "heads"))`
-(the names are listed in DESIGN.md / the preamble). `DEFAULT_RULES` maps them onto the mesh
+(the names are the left-hand sides of `DEFAULT_RULES` below). `DEFAULT_RULES` maps them onto the mesh
 axes of `linjax.parallel.mesh` (MaxText's `logical_axis_rules`, big_vision's
 `sharding_rules`):
 
