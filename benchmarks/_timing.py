@@ -1,5 +1,5 @@
-"""The one timing helper of the benchmark scripts (imported as `_timing`: each script runs
-with benchmarks/ first on sys.path)."""
+"""Helpers shared by the benchmark scripts: timing and writing the report (imported as
+`_timing`: each script runs with benchmarks/ first on sys.path)."""
 from __future__ import annotations
 
 import statistics
@@ -17,3 +17,13 @@ def median_seconds(fn, args, reps: int = 3) -> float:
     jax.block_until_ready(fn(*args))
     ts.append(time.perf_counter() - t0)
   return statistics.median(ts)
+
+
+def emit(text: str, out: str | None) -> None:
+  """Print a report and, when `out` is given, write it there (folders created)."""
+  import os
+  print(text)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      f.write(text)

@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 from linjax.layers import structured_mlp as sm  # noqa: E402
 from linjax.models.llama import LlamaConfig  # noqa: E402
-from _timing import median_seconds  # noqa: E402
+from _timing import emit, median_seconds  # noqa: E402
 
 WIDTHS = {"SmolLM2-135M": (576, 1536, 4096), "Llama-3-8B": (4096, 14336, 512)}
 
@@ -129,11 +129,7 @@ def main(argv=None):
              "(bf16, large token counts); on a GPU the same script gives it: "
              "`JAX_PLATFORMS=cuda python benchmarks/ffn_cpu.py --dtype bfloat16 --out ...`.")
   text = "\n".join(out) + "\n"
-  print(text)
-  if a.out:
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-      f.write(text)
+  emit(text, a.out)
 
 
 def _cpu_name():

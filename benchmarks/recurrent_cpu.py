@@ -35,7 +35,7 @@ from flax import nnx  # noqa: E402
 from linjax.models.llama import Llama, LlamaConfig  # noqa: E402
 from linjax.models.recurrent_transformer import (RecurrentTransformer,  # noqa: E402
                                                  RecurrentTransformerConfig)
-from _timing import median_seconds  # noqa: E402
+from _timing import emit, median_seconds  # noqa: E402
 
 LLAMA = dict(vocab_size=259, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -163,11 +163,7 @@ def main(argv=None):
       f"decode row stops at T = {LIMITS[('recurrent', 'decode-prefill')]} (the step "
       "itself is the same program at any T).")
   text = "\n".join(lines) + "\n"
-  print(text)
-  if a.out:
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-      f.write(text)
+  emit(text, a.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,19 @@ def _site_file(*parts):
 
 
 @functools.cache
+def load_module(path: str, name: str | None = None):
+  """The Python file at `path` (absolute, or relative to the repository root) as a module,
+  without importing it by package name (experiment configs, benchmark scripts, fla's naive
+  references)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = path if os.path.isabs(path) else os.path.join(root, path)
+  name = name or "_loaded_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
 def load_fla_naive(family: str):
   """fla's naive PyTorch module for a family ('gla', 'simple_gla', 'delta_rule', ...).
 
@@ -42,10 +55,7 @@ def load_fla_naive(family: str):
   path = _site_file("fla", "ops", family, "naive.py")
   if path is None or not os.path.exists(path):
     return None
-  spec = importlib.util.spec_from_file_location(f"_fla_naive_{family}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_module(path, f"_fla_naive_{family}")
 
 
 def smollm2_gguf_path() -> str | None:

@@ -3,23 +3,16 @@ two steps a stage and the tiny eval suite: teacher load, linearize with sinks, b
 export, the end-of-run evaluation beside both sliding-window baselines, generations. Slow:
 loading and compiling the 30-layer model takes minutes on 2 cores (the tiny-model version of
 the same command runs in the default suite, tests/test_readme_commands.py)."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-from tests.helpers import smollm2_gguf_path
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import load_module, smollm2_gguf_path
 
 
 def demo_config():
-  spec = importlib.util.spec_from_file_location(
-      "lolcats_smollm2", os.path.join(ROOT, "experiments", "lolcats_smollm2.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config("demo")
+  return load_module("experiments/lolcats_smollm2.py").get_config("demo")
 
 
 @pytest.mark.slow

@@ -1,18 +1,15 @@
 """benchmarks/update_readme.py: result tables are copied into README.md, never typed."""
-import importlib.util
 import os
 import re
 import shutil
+
+from tests.helpers import load_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mod():
-  spec = importlib.util.spec_from_file_location(
-      "update_readme", os.path.join(ROOT, "benchmarks", "update_readme.py"))
-  m = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(m)
-  return m
+  return load_module("benchmarks/update_readme.py", "update_readme")
 
 
 def test_update_readme(tmp_path):

@@ -8,11 +8,12 @@ fields, missing paths, unknown objectives, bad mesh) without touching a model, a
 args must fit a 2-core machine; shell launchers and other files are built with `get_config`.
 """
 import glob
-import importlib.util
 import os
 import re
 
 import pytest
+
+from tests.helpers import load_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
@@ -20,11 +21,7 @@ FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
 
 
 def _load(path):
-  name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_module(path, "experiment_" + os.path.splitext(os.path.basename(path))[0])
 
 
 def _runner(mod) -> str | None:

@@ -9,7 +9,7 @@ import linjax
 from linjax.layers.params import FeatureMapParam
 from linjax.linearize import linearize
 from linjax.models.llama import Llama, LlamaConfig
-from tests.helpers import assert_rel
+from tests.helpers import assert_rel, load_module
 
 
 def tiny_llama(seed=0, layers=2):
@@ -98,13 +98,8 @@ RECIPES = [("lolcats", "linjax_15m"), ("lolcats", "paper_15m")] + [
 def test_recipe_configs_run_on_a_tiny_model(tmp_path, exp, arg):
   """Every recipe config runs through the training loop end to end when its model is swapped
   for a tiny random Llama and its budgets for two steps."""
-  import importlib.util
-
   from linjax.train import train
-  spec = importlib.util.spec_from_file_location("exp", f"experiments/{exp}_smollm2.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = load_module(f"experiments/{exp}_smollm2.py", "exp").get_config(arg)
   c.model.source, c.model.scan_layers = "tiny", False
   c.data.embedded_split, c.data.max_rows, c.progress = "pydoc", 16, False
   if "window" in c.linearize:

@@ -21,7 +21,7 @@ from pallas_kernels import tiling
 from pallas_kernels.delta import delta_rule_chunk_impl
 from pallas_kernels.gla import gla_chunk_impl
 import pallas_kernels
-from tests.helpers import rel_err
+from tests.helpers import load_module, rel_err
 
 F32_TOL = 1e-4
 BF16_TOL = 2e-2
@@ -311,14 +311,10 @@ def test_tiling_rules():
 # ------------------------------------------------------------------ bf16 accuracy (fla's tols)
 
 def _accuracy():
-  import importlib.util
   import os
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "benchmarks", "accuracy.py")
-  spec = importlib.util.spec_from_file_location("linjax_bench_accuracy", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_module(path, "linjax_bench_accuracy")
 
 
 @pytest.mark.parametrize("kernel,strength", [

@@ -91,14 +91,11 @@ def test_gpu_run_dry_run(tmp_path):
   """benchmarks/gpu_run.py --dry-run (CPU, interpret mode, tiny shapes) runs every section of
   the prepared device script; every correctness case passes and no step errors, so the
   script that a device call runs cannot rot."""
-  import importlib.util
+  from tests.helpers import load_module
   import json
   import os
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-      "linjax_gpu_run", os.path.join(root, "benchmarks", "gpu_run.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_module(os.path.join(root, "benchmarks", "gpu_run.py"), "linjax_gpu_run")
   mod.main(["--dry-run", "--out", str(tmp_path)])
   rows = [json.loads(l) for l in open(tmp_path / "gpu_run.jsonl")]
   assert {r["section"] for r in rows} == {"env", "A", "B", "C", "D"}
