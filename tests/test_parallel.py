@@ -13,9 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_worker(path, name, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  from tests.helpers import subprocess_env
+  env = subprocess_env(8)
   r = subprocess.run([sys.executable, path, name], env=env, cwd=ROOT, capture_output=True,
                      text=True, timeout=timeout)
   assert r.returncode == 0, f"worker {name} failed:\n{r.stdout[-6000:]}\n{r.stderr[-8000:]}"

@@ -66,12 +66,8 @@ def flat_params(model, flt=nnx.Param):
 
 
 def _subprocess_env(devices=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
+  from tests.helpers import subprocess_env
+  return subprocess_env(devices)
 
 
 # ------------------------------------------------------------------------------------------

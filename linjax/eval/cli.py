@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     tok = tok or t
     models[_name(path, models)] = m
   if teacher is not None:
-    models |= baseline_models(teacher, args.baseline)
+    # a ":kept" baseline keeps the softmax layers of the first --model
+    first = next(iter(models.values()), None)
+    models |= baseline_models(teacher, args.baseline, first)
   if tok is None:
     raise ValueError("no tokenizer found with the models")
   results = evaluate_models(models, tokenizer=tok, teacher=teacher, suite=args.suite,

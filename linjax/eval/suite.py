@@ -230,14 +230,28 @@ def recall_batches(tokenizer, suite="quick") -> dict:
   return out
 
 
-def baseline_models(teacher, specs) -> dict:
-  """{"sliding window W + S sinks": model} for specs like "sliding_window:64:4"."""
+def baseline_models(teacher, specs, student=None) -> dict:
+  """{"sliding window W + S sinks": model} for specs like "sliding_window:64:4"; with a
+  fourth field "kept" ("sliding_window:64:4:kept"), only the layers that `student` does not
+  keep as softmax attention become windows (the baseline of a student with softmax layers)."""
   from linjax.linearize import linearize
   out = {}
   for spec in specs:
-    kind, w, sinks = spec.split(":")
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or parts[0] != "sliding_window" or parts[3:] not in ([], ["kept"]):
+      raise ValueError(f"baseline spec {spec!r}: expected 'sliding_window:<window>:<sinks>' "
+                       "or 'sliding_window:<window>:<sinks>:kept'")
+    kind, w, sinks = parts[:3]
     name = f"sliding window {int(w)} + {int(sinks)} sinks"
-    out[name] = linearize(teacher, kind, window=int(w), num_sinks=int(sinks))
+    layers = None
+    if parts[3:] == ["kept"]:
+      if student is None:
+        raise ValueError(f"baseline spec {spec!r} needs the student (its softmax layers)")
+      mixers = student.config.mixers
+      layers = [i for i, m in enumerate(mixers) if m not in ("softmax", "attention")]
+      kept = [i for i in range(len(mixers)) if i not in layers]
+      name += f", softmax in layers {kept}"
+    out[name] = linearize(teacher, kind, layers, window=int(w), num_sinks=int(sinks))
   return out
 
 
@@ -247,7 +261,7 @@ def evaluate_run(student, teacher, tokenizer, *, suite="quick", baselines=(), wo
   as a dict, plus `evaluation.md` / `evaluation.json` / `recall.png` in `workdir`."""
   import json
   import os
-  models = {"student": student} | baseline_models(teacher, baselines)
+  models = {"student": student} | baseline_models(teacher, baselines, student)
   res = evaluate_models(models, tokenizer=tokenizer, teacher=teacher, suite=suite,
                         progress=progress)
   if workdir:

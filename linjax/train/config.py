@@ -33,6 +33,11 @@ Run fields (defaults in `base_config`):
   calibrate.tokens   > 0: after `linearize`, set the mixers' output-norm affines from the
                      teacher's attention-output statistics on that many training tokens
                      (`linjax.linearize.calibrate`; SUPRA with norm_affine=True)
+  keep_softmax       layers > 0: that many layers stay softmax attention, the ones whose
+                     linearize mixer at initialisation has the largest relative transfer
+                     error on `tokens` training tokens in rows of `seq_len`
+                     (`linjax.linearize.select`); the choice is saved in
+                     `workdir/keep_softmax.json`. Their KV cache grows with the context.
   teacher            "auto": the loaded model before `linearize` (frozen), kept when an
                      objective needs one (kl, hidden_mse) | a model path | None
   data               path (None = the embedded corpus), eval_path, eval_fraction,
@@ -173,6 +178,7 @@ def base_config() -> ConfigDict:
   c.init_from = config_dict.placeholder(str)
   c.linearize = None
   c.calibrate = ConfigDict(dict(tokens=0))
+  c.keep_softmax = ConfigDict(dict(layers=0, tokens=4096, seq_len=512))
   c.teacher = "auto"
 
   c.data = ConfigDict()
@@ -369,6 +375,13 @@ def resolve(config) -> ConfigDict:
                                  if k not in ("mixer", "layers", "seed", "inplace")})
     except ValueError as e:
       raise ConfigError(f"config field 'linearize': {e}") from None
+  ks = c.keep_softmax
+  if int(ks.layers) < 0 or int(ks.tokens) <= 0 or int(ks.seq_len) <= 0:
+    raise ConfigError(f"config field 'keep_softmax': layers must be >= 0 and tokens, seq_len "
+                      f"> 0, got {ks.to_dict()}")
+  if int(ks.layers) > 0 and c.linearize is None:
+    raise ConfigError("config field 'keep_softmax.layers' > 0 needs 'linearize' (the layers "
+                      "kept are the ones it would replace worst)")
   # data
   from linjax.data import pipeline
   for field in ("path", "eval_path"):

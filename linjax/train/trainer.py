@@ -122,8 +122,38 @@ def _reshard(model, mesh):
   return model
 
 
-def prepare_models(cfg, mesh, objectives):
-  """(student, teacher or None): load, keep the teacher if needed, linearize, set methods."""
+def kept_softmax_layers(cfg, model, kw, train_tokens, workdir=None):
+  """The layers `keep_softmax` keeps as softmax: the `keep_softmax.layers` with the largest
+  step-0 transfer error of the linearize mixer (`linjax.linearize.select`). The choice is
+  saved in `workdir/keep_softmax.json` and read back on resume."""
+  from linjax.linearize import layer_ids
+  from linjax.linearize.select import step0_transfer_losses, worst_layers
+  ks = cfg.keep_softmax
+  path = workdir and os.path.join(workdir, "keep_softmax.json")
+  if path and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  n = model.config.num_hidden_layers
+  candidates = layer_ids(kw.get("layers"), n)
+  rest = {k: v for k, v in kw.items() if k not in ("mixer", "layers")}
+  tokens = train_tokens(int(ks.seq_len))[: max(int(ks.tokens) // int(ks.seq_len), 1)]
+  losses = step0_transfer_losses(model, tokens, kw.get("mixer", "lolcats"), layers=candidates,
+                                 **rest)
+  sub = [float(losses[i]) for i in candidates]
+  kept = sorted(candidates[j] for j in worst_layers(sub, min(int(ks.layers), len(candidates))))
+  out = {"kept": kept, "losses": {int(i): float(losses[i]) for i in candidates},
+         "tokens": int(tokens.size)}
+  if path and jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+  return out
+
+
+def prepare_models(cfg, mesh, objectives, train_tokens=None, workdir=None):
+  """(student, teacher or None): load, keep the teacher if needed, linearize (all but the
+  `keep_softmax` layers), set methods. train_tokens(teacher, seq_len) -> [rows, seq_len]
+  training tokens, for keep_softmax."""
   from linjax.linearize import linearize, set_method
   model = load_model(cfg, mesh)
   needs_teacher = (any(o.needs_teacher for o in objectives) or cfg.eval.suite != "none"
@@ -141,6 +171,15 @@ def prepare_models(cfg, mesh, objectives):
   if cfg.linearize is not None:
     kw = cfg.linearize.to_dict() if hasattr(cfg.linearize, "to_dict") else dict(cfg.linearize)
     try:
+      if int(cfg.keep_softmax.layers) > 0:
+        if train_tokens is None:
+          raise ConfigError("config field 'keep_softmax.layers' > 0 needs training tokens")
+        src = model if teacher is None else teacher
+        kept = kept_softmax_layers(cfg, model, kw, lambda T: train_tokens(src, T),
+                                   workdir)["kept"]
+        from linjax.linearize import layer_ids
+        kw["layers"] = [i for i in layer_ids(kw.get("layers"), model.config.num_hidden_layers)
+                        if i not in kept]
       model = linearize(model, **kw)
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config field 'linearize': {e}") from None
@@ -623,13 +662,20 @@ def train(config, workdir: str) -> dict:
   run = Run(cfg, workdir)
   tokenizer = load_tokenizer(tokenizer_name(cfg))
   stages = [Stage(run, i, name, s) for i, (name, s) in enumerate(ordered_stages(cfg))]
+  run.data = Data(cfg, tokenizer)
+
+  def train_tokens(teacher, seq_len):
+    run.data.teacher = teacher
+    return run.data.rows("train", seq_len).tokens
+
   with use_mesh(run.mesh):
-    model, teacher = prepare_models(cfg, run.mesh, [st.objective for st in stages])
+    model, teacher = prepare_models(cfg, run.mesh, [st.objective for st in stages],
+                                    train_tokens=train_tokens, workdir=workdir)
+  run.data.teacher = teacher
   vocab = model.config.vocab_size
   if len(tokenizer) > vocab:
     raise ConfigError(f"tokenizer {tokenizer_name(cfg)!r} has {len(tokenizer)} tokens but the "
                       f"model only {vocab} (config field 'data.tokenizer' / 'model')")
-  run.data = Data(cfg, tokenizer, teacher)
   if int(cfg.calibrate.tokens) > 0:
     from linjax.linearize.calibrate import calibrate
     rows = run.data.rows("train", min(512, int(cfg.calibrate.tokens)))
