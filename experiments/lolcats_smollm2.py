@@ -14,7 +14,9 @@ Arg = <recipe>_<budget> (or "demo" = linjax_15m with the demo's end-of-run evalu
   recipe "linjax": the same hybrid with linjax's options, each measured in
     experiments/results/linearization.md: 4 attention sinks in the window; the hybrid
     initialised to equal sliding window 64 + 4 sinks at step 0 (a learned per-head linear
-    factor starting at 0); stage 2 distils the teacher's next-token distribution (KL) instead
+    factor starting at 0); the KEEP_SOFTMAX layers that the window loses most in at
+    initialisation stay softmax attention (their KV cache grows; the others' is constant);
+    stage 2 distils the teacher's next-token distribution (KL) instead
     of fitting the corpus (CE), on short batches with a higher rate, as a CPU budget wants.
   budget "15m" / "60m": the stage time budgets of a 15- / 60-minute run on 2 CPU cores (load,
     compilation and the end evaluation come on top); "gpu": one GPU, minutes.
@@ -23,6 +25,9 @@ from ml_collections import ConfigDict
 
 from linjax.train.config import base_config, stage, stages
 
+# linjax recipe: layers kept as softmax attention (the ones the window loses most in at
+# initialisation, `linjax.linearize.select`; measured in experiments/results/linearization.md)
+KEEP_SOFTMAX = 6
 BUDGETS = {"15m": (240, 360), "60m": (900, 2400), "gpu": (60, 300), "smoke": (0, 0)}
 
 
@@ -44,6 +49,7 @@ def get_config(arg: str = "linjax_15m"):
   if recipe == "linjax":
     c.linearize.num_sinks = 4
     c.linearize.init_linear_factor = 0.0
+    c.keep_softmax.layers = KEEP_SOFTMAX
   transfer = stage(
       steps=100000, time_budget_s=t1, trainable="feature_maps",
       objective={"attention_mse": 1.0}, transfer_scale=1000.0, seq_len=1024 if gpu else 512,
@@ -68,7 +74,7 @@ def get_config(arg: str = "linjax_15m"):
   c.stages = stages(transfer=transfer, finetune=finetune)
   if arg == "demo":
     c.eval.suite = "demo"
-    c.eval.baselines = ("sliding_window:64:4", "sliding_window:128:4")
+    c.eval.baselines = ("sliding_window:64:4", "sliding_window:128:4", "sliding_window:64:4:kept")
     c.eval.prompts = ("The Python interpreter", "A list comprehension is", "To open a file,")
   if budget == "smoke":   # tests: a tiny random Llama, a few steps
     c.model.source = "tiny"
@@ -79,4 +85,5 @@ def get_config(arg: str = "linjax_15m"):
       s.steps, s.time_budget_s, s.seq_len, s.batch_size, s.grad_accum = 3, 0.0, 64, 2, 1
       s.eval_rows, s.eval_every, s.ckpt_every = 2, 0, 0
     c.linearize.window = 8
+    c.keep_softmax.layers = 0
   return c

@@ -47,7 +47,7 @@ Run fields (defaults in `base_config`):
                      prompt_tokens, new_tokens, temperature, top_p, batch_size, seed)
   eval               suite ("none" | "tiny" | "demo" | "quick": `linjax.eval` at the end,
                      student vs teacher), baselines (e.g. ("sliding_window:64:4",) scored
-                     beside them), prompts (greedy generations of the student, with its
+                     beside them; ":kept" appended: with the student's softmax layers), prompts (greedy generations of the student, with its
                      recurrent decode state), max_new_tokens
   ckpt               keep, async_save, trainable_only, export (write the final model to
                      `workdir/model`, LoRA merged)
@@ -400,10 +400,11 @@ def resolve(config) -> ConfigDict:
     raise ConfigError(f"config field 'eval.suite': {c.eval.suite!r} is not one of {EVAL_SUITES}")
   for b in c.eval.baselines:
     parts = str(b).split(":")
-    if parts[0] not in ("sliding_window",) or len(parts) != 3 or not all(
-        x.isdigit() for x in parts[1:]):
+    if parts[0] not in ("sliding_window",) or len(parts) not in (3, 4) or not all(
+        x.isdigit() for x in parts[1:3]) or parts[3:] not in ([], ["kept"]):
       raise ConfigError(f"config field 'eval.baselines': {b!r} is not "
-                        "'sliding_window:<window>:<sinks>'")
+                        "'sliding_window:<window>:<sinks>' or "
+                        "'sliding_window:<window>:<sinks>:kept'")
   # mesh and stages
   from linjax.parallel.mesh import mesh_shape
   try:
