@@ -128,7 +128,7 @@ def main(argv=None):
            f"`python benchmarks/recurrent_cpu.py{' --quick' if a.quick else ''} --out ...` on "
            f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}, float32, "
            f"B = 1, {time.strftime('%Y-%m-%d')}; load average {load0[0]:.1f} at the start, "
-           f"{load1[0]:.1f} at the end (a shared machine: times are noisy). Parameters: "
+           f"{load1[0]:.1f} at the end. Parameters: "
            + ", ".join(f"{n} {params[n]:,}" for n in names)
            + f". Total {time.time() - t0:.0f} s. {a.note}".rstrip() + "\n"]
   for key, title in (("fwd", "forward (training form), tokens/s"),

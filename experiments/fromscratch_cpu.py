@@ -230,7 +230,8 @@ def main(argv=None):
       print(key, {k: v for k, v in row.items() if k != "curve"}, flush=True)
       res[key] = row
       res["_meta"] = {"machine": f"{os.cpu_count()}-core {os.uname().machine}",
-                      "date": time.strftime("%Y-%m-%d")}
+                      "date": time.strftime("%Y-%m-%d"),
+                      "load": f"load {os.getloadavg()[0]:.1f} after the last run"}
       with open(res_path, "w") as f:
         json.dump(res, f, indent=1)
   write_report(res, a.results)
@@ -246,7 +247,7 @@ def write_report(res: dict, base: str):
   lines = [
       "# From scratch at equal parameters and tokens (CPU, byte tokenizer)\n",
       f"`python experiments/fromscratch_cpu.py --workdir DIR` ({meta.get('date', '?')}, "
-      f"{meta.get('machine', '?')} CPU shared with other jobs). Every model trains with the "
+      f"{meta.get('machine', '?')} CPU, {meta.get('load', 'load ?')}). Every model trains with the "
       "project's trainer, AdamW lr 2e-3, cosine, 20 warmup steps. text: "
       f"{TOKENS['text']:,} tokens of the embedded corpus (8 x 256-byte rows a step; the "
       "recurrent transformer's in a 64 -> 128 -> 256 byte length curriculum); held-out loss: "

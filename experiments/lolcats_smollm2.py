@@ -16,8 +16,11 @@ Arg = <recipe>_<budget> (or "demo" = linjax_15m with the demo's end-of-run evalu
     initialised to equal sliding window 64 + 4 sinks at step 0 (a learned per-head linear
     factor starting at 0); the KEEP_SOFTMAX layers that the window loses most in at
     initialisation stay softmax attention (their KV cache grows; the others' is constant);
-    stage 2 distils the teacher's next-token distribution (KL) instead
-    of fitting the corpus (CE), on short batches with a higher rate, as a CPU budget wants.
+    stage 1 also fits LoRA r 8 adapters on q / k / v to the per-layer outputs (teacher-forced:
+    each layer's loss reaches only its own adapters, no backward through the model; merged
+    before stage 2), at lr 3e-3 for adapters and feature maps alike; stage 2 distils the
+    teacher's next-token distribution (KL) instead of fitting the corpus (CE), on short
+    batches with a higher rate, as a CPU budget wants.
   budget "15m" / "60m": the stage time budgets of a 15- / 60-minute run on 2 CPU cores (load,
     compilation and the end evaluation come on top); "gpu": one GPU, minutes.
 """
@@ -55,6 +58,10 @@ def get_config(arg: str = "linjax_15m"):
       objective={"attention_mse": 1.0}, transfer_scale=1000.0, seq_len=1024 if gpu else 512,
       batch_size=8 if gpu else 1, optim={"lr": 1e-2, "schedule": "constant", "b2": 0.999,
                                          "weight_decay": 0.0}, log_every=5, ckpt_every=50)
+  if recipe == "linjax":   # q / k / v adapters fitted on the per-layer outputs too
+    transfer.trainable = "feature_maps+lora"
+    transfer.lora.targets = ("q_proj", "k_proj", "v_proj")
+    transfer.optim.lr = 3e-3
   if recipe == "paper":
     finetune = stage(
         steps=100000, time_budget_s=t2, trainable="lora", objective={"ce": 1.0, "kl": 0.0},

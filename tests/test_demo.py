@@ -26,8 +26,11 @@ def test_demo_config_on_smollm2(tmp_path):
   c.eval.suite, c.eval.max_new_tokens, c.progress = "tiny", 4, False
   summary = train(c, str(tmp_path))
   ev = summary["evaluation"]
+  kept = json.load(open(tmp_path / "keep_softmax.json"))["kept"]
+  assert len(kept) == c.keep_softmax.layers
   assert set(ev) == {"teacher", "student", "sliding window 64 + 4 sinks",
-                     "sliding window 128 + 4 sinks"}
+                     "sliding window 128 + 4 sinks",
+                     f"sliding window 64 + 4 sinks, softmax in layers {kept}"}
   for name, r in ev.items():
     assert r["perplexity"] > 1
     if name != "teacher":

@@ -77,6 +77,27 @@ def _teacher_heads_np(layer_attn, x, positions):
   return np.einsum("bhij,bjhd->bihd", p, v), p
 
 
+def perturb(model, param_type, scale, seed):
+  """Moves every `param_type` parameter off its init by scale * N(0, 1)."""
+  leaves, tree = jax.tree.flatten(nnx.state(model, param_type))
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  nnx.update(model, jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape)
+                                              for x, k in zip(leaves, keys)]))
+
+
+def mse_by_hand(teacher, student, b, layers):
+  """Per-layer mean((student heads - teacher softmax heads)^2) on the teacher's hidden states."""
+  hs = teacher.hidden_states(b["input_ids"])
+  pos = jnp.asarray(b["positions"])
+  want = []
+  for i in layers:
+    x = hs["mixer_inputs"][i]
+    ty, _ = _teacher_heads_np(teacher.layers[i].self_attn, x, pos)
+    sy, _ = student.layers[i].self_attn.heads(x, positions=pos)
+    want.append(((np.asarray(sy, np.float64) - ty) ** 2).mean())
+  return want
+
+
 @pytest.mark.parametrize("mixer,kw", [("lolcats", dict(window=6)), ("gla", {}), ("liger", dict(window=6))])
 def test_attention_mse_by_hand(mixer, kw):
   """attention_mse = mean over linearized layers of mean((student heads - teacher heads)^2)
@@ -85,26 +106,49 @@ def test_attention_mse_by_hand(mixer, kw):
   from linjax.layers.params import FeatureMapParam
   teacher = tiny()
   student = linearize(teacher, mixer, **kw)
-  state = nnx.state(student, FeatureMapParam)
-  leaves, tree = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-  nnx.update(student, jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                                for x, k in zip(leaves, keys)]))
+  perturb(student, FeatureMapParam, 0.05, seed=3)
   b = batch(B=1, T=20)
-  hs = teacher.hidden_states(b["input_ids"])
-  pos = jnp.asarray(b["positions"])
-  want = []
-  for i, layer in enumerate(student.layers):
-    x = hs["mixer_inputs"][i]
-    ty, _ = _teacher_heads_np(teacher.layers[i].self_attn, x, pos)
-    sy, _ = layer.self_attn.heads(x, positions=pos)
-    want.append(((np.asarray(sy, np.float64) - ty) ** 2).mean())
+  want = mse_by_hand(teacher, student, b, range(len(student.layers)))
   distilled = set_distill(nnx.clone(student), "mse")
   loss, met = make_objective({"attention_mse": 1.0}, transfer_scale=10.0)(None, distilled, None,
                                                                            {**b, "segment_ids": None})
   assert float(met["attention_mse"]) == pytest.approx(np.mean(want), rel=2e-4)
   assert float(met["attention_mse_max"]) == pytest.approx(np.max(want), rel=2e-4)
   assert float(loss) == pytest.approx(10.0 * np.mean(want), rel=2e-4)
+
+
+def test_attention_transfer_is_teacher_forced_with_lora_and_kept_softmax_layers():
+  """Stage 1 with LoRA on q / k / v / o and a softmax layer kept: every layer still sees the
+  teacher's hidden states, and each layer's transfer loss reaches only its own adapters.
+  Adapters moved off zero: on o_proj or in the softmax layer they would move the hidden states
+  the later layers are scored on (the loss is then no longer fidelity to the teacher)."""
+  from linjax.layers.lora import LoRAParam, apply_lora
+  teacher = tiny(layers=3)
+  student = linearize(teacher, "lolcats", layers=[0, 2], window=6)
+  apply_lora(student, rank=4, alpha=4.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+             rngs=nnx.Rngs(1))
+  perturb(student, LoRAParam, 0.3, seed=5)
+  b = batch(B=1, T=20)
+  want = mse_by_hand(teacher, student, b, (0, 2))       # the student heads with the adapters
+  distilled = set_distill(nnx.clone(student), "mse")
+  obj = make_objective({"attention_mse": 1.0})
+  gdef, lora, rest = nnx.split(distilled, LoRAParam, ...)
+
+  def loss_of(lora):
+    return obj(None, nnx.merge(gdef, lora, rest), None, {**b, "segment_ids": None})[0]
+  loss, grads = jax.value_and_grad(loss_of)(lora)
+  assert float(loss) == pytest.approx(np.mean(want), rel=2e-4)
+  norms = {}
+  for path, v in nnx.to_flat_state(grads):
+    path = tuple(map(str, path))
+    proj = (path[1], next(p for p in path if p.endswith("_proj")))   # (layer, projection)
+    norms[proj] = norms.get(proj, 0.0) + float(jnp.abs(v[...]).sum())
+  assert len(norms) == 12
+  for (layer, proj), n in norms.items():
+    if layer in ("0", "2") and proj != "o_proj":
+      assert n > 0, (layer, proj)
+    else:                       # o_proj adapters and the softmax layer's: no gradient
+      assert n == 0, (layer, proj)
 
 
 def test_attention_xent_and_hidden_mse_by_hand():

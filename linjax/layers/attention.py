@@ -53,13 +53,21 @@ class LlamaAttention(QKVO):
     if self.num_sinks < 0:
       raise ValueError(f"`num_sinks` must be >= 0, got {self.num_sinks}")
 
+  # attention transfer (`linjax.linearize.set_distill`): a softmax layer beside the distilled
+  # mixers is its own teacher, with its base weights and no gradient
+  distill = None
+
   def __call__(self, x, *, positions, segment_ids=None, cache=None):
-    q, k, v = self.project(x)
+    teacher = bool(self.distill) and cache is None
+    q, k, v = self.project(x, base=teacher)
     q, k = self.rotate(q, positions), self.rotate(k, positions)
     if cache is None:
       o = sp.attention(q, k, v, causal=True, window=self.window, num_sinks=self.num_sinks,
                        segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
                        method=self.method)
+      if teacher:
+        from linjax.layers.distill import teacher_output
+        return teacher_output(self, o, x), None
       return self.out(o, x), None
     seg = token_mask(x, segment_ids).astype(jnp.int32)
     method = "auto" if self.method in ("cudnn", "pallas") else self.method

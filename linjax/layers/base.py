@@ -78,6 +78,11 @@ def token_mask(x, segment_ids):
   return segment_ids > 0
 
 
+def _proj(proj, base: bool):
+  """`proj`, or with `base` the projection without its LoRA adapter (the teacher's weights)."""
+  return getattr(proj, "base", proj) if base else proj
+
+
 class QKVO(nnx.Module):
   """q/k/v/o projections laid out like the Llama's softmax attention (HF names); with
   `config.qk_norm` (Qwen3) q and k are RMS-normalized per head (`q_norm`, `k_norm`, weights
@@ -108,11 +113,13 @@ class QKVO(nnx.Module):
   def rep(self):
     return self.num_heads // self.num_kv_heads
 
-  def project(self, x):
+  def project(self, x, *, base: bool = False):
+    """q [B, T, H, D], k / v [B, T, Hkv, D] (q / k normalized, not rotated); `base=True`
+    uses the projections' base weights (a LoRA adapter left out: the teacher's)."""
     B, T, _ = x.shape
-    q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+    q = _proj(self.q_proj, base)(x).reshape(B, T, self.num_heads, self.head_dim)
+    k = _proj(self.k_proj, base)(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+    v = _proj(self.v_proj, base)(x).reshape(B, T, self.num_kv_heads, self.head_dim)
     q, k = self.norm_qk(q, k)
     return q, k, v
 
@@ -126,9 +133,9 @@ class QKVO(nnx.Module):
     """Rotary (HF rotate_half layout) of x [B, T, H, D] at positions [B, T]."""
     return rotary_lib.apply_rotary(x, positions, jnp.asarray(self.rope_freqs, jnp.float32))
 
-  def out(self, o, x):
+  def out(self, o, x, *, base: bool = False):
     B, T = o.shape[:2]
-    return self.o_proj(o.reshape(B, T, -1).astype(x.dtype))
+    return _proj(self.o_proj, base)(o.reshape(B, T, -1).astype(x.dtype))
 
   def heads(self, x, *, positions, segment_ids=None, cache=None):
     """Per-head outputs [B, T, H, V] f32 before o_proj, and the new cache (mixers define it)."""

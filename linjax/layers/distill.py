@@ -1,8 +1,9 @@
 """Attention transfer inside a mixer: the teacher's softmax heads and the per-layer loss.
 
 `mixer.distill = "mse" | "xent"` (a switch separate from `method`) makes a full-sequence call
-return the *teacher's* softmax output (so the next layer sees teacher hidden states) and sow
-this layer's attention-transfer loss as `nnx.Intermediate` "transfer_loss":
+return the *teacher's* softmax output, through the base o_proj and without gradient (so the
+next layer sees exactly the teacher's hidden states and no loss reaches across layers), and
+sow this layer's attention-transfer loss as `nnx.Intermediate` "transfer_loss":
 
   mse   mean squared error between the softmax and the student head outputs before o_proj
         (LoLCATs stage 1)
@@ -51,9 +52,12 @@ def transfer_loss(student_w, teacher_p, student_y, teacher_y, kind, row_mask=Non
   return (err * row_mask).sum() / jnp.maximum(row_mask.sum(), 1)
 
 
-def _base(proj):
-  """The projection without its LoRA adapter (the teacher's weights)."""
-  return getattr(proj, "base", proj)
+def teacher_output(mixer, y, x):
+  """What a layer passes on in distillation mode: the teacher's heads `y` through the base
+  o_proj, without gradient. So the next layer's input is exactly the teacher's hidden state
+  and each layer's transfer loss reaches only its own weights (an adapter on o_proj, or on a
+  softmax layer, cannot move the hidden states the later layers are scored on)."""
+  return jax.lax.stop_gradient(mixer.out(y, x, base=True))
 
 
 class DistillMixin:
@@ -64,12 +68,7 @@ class DistillMixin:
 
   def teacher_qkv(self, x, positions):
     """Rotary q, and k, v per query head, from the projections' base weights (LoRA left out)."""
-    B, T, _ = x.shape
-    H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-    q = _base(self.q_proj)(x).reshape(B, T, H, D)
-    k = _base(self.k_proj)(x).reshape(B, T, Hkv, D)
-    v = _base(self.v_proj)(x).reshape(B, T, Hkv, D)
-    q, k = self.norm_qk(q, k)     # Qwen3's q/k norms, part of the teacher's projections
+    q, k, v = self.project(x, base=True)   # (Qwen3's q/k norms are the teacher's too)
     return (self.rotate(q, positions), repeat_kv(self.rotate(k, positions), self.rep),
             repeat_kv(v, self.rep))
 
@@ -106,4 +105,4 @@ class DistillMixin:
       sy, sw = student(self.student_params(), q, k, v)
       loss = transfer_loss(sw, tp, sy, ty, "xent", row)
     self.sow(nnx.Intermediate, "transfer_loss", loss)
-    return self.out(ty, x)
+    return teacher_output(self, ty, x)

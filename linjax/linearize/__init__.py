@@ -129,12 +129,16 @@ def set_method(model, method: str | None, *, softmax: str | None = None):
 
 
 def set_distill(model, kind):
-  """kind "mse" | "xent" puts attention-transfer mixers in distillation mode; None ends it."""
-  from linjax.layers.distill import DISTILL_KINDS
+  """kind "mse" | "xent" puts attention-transfer mixers in distillation mode; None ends it.
+  The softmax layers kept beside them switch too: in distillation mode they run with their
+  base weights and pass their output on without gradient, so every layer's input is the
+  teacher's hidden state."""
+  from linjax.layers.distill import DISTILL_KINDS, DistillMixin
   if kind is not None and kind not in DISTILL_KINDS:
     raise ValueError(f"distill kind must be one of {DISTILL_KINDS} or None, got {kind!r}")
-  for m in linear_mixers(model):
-    if hasattr(m, "distill"):
+  for layer in model.layers:
+    m = layer.self_attn
+    if isinstance(m, DistillMixin) or getattr(m, "mixer_name", None) == "softmax":
       m.distill = kind
   return model
 
