@@ -108,8 +108,8 @@ def main(argv=None):
          f"{platform.machine()}, {os.cpu_count()} CPU cores ({_cpu_name()}), jax "
          f"{jax.__version__} on {jax.devices()[0].platform}, {a.dtype}, "
          f"{time.strftime('%Y-%m-%d')}; load average "
-         f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end. Forward and forward+backward of `down(silu(gate(x)) * "
-         f"up(x))` on [tokens, hidden] activations, jit, median of {a.reps} runs "
+         f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end. Forward and "
+         f"forward+backward of `down(silu(gate(x)) * up(x))` on [tokens, hidden] activations, jit, median of {a.reps} runs "
          f"({max(2, a.reps // 2)} at 8B width) after a warm-up. Speed-up = dense / variant at "
          f"the same width. Total {time.time() - t0:.0f} s. {a.note}".strip() + "\n"]
   for name in widths:

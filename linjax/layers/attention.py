@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from linjax.layers.base import (QKVO, cached_attention, init_kv_cache, token_mask,
                                 write_kv_cache)
+from linjax.layers.distill import teacher_output
 from linjax.layers.mixers import register_mixer
 from linjax.ops.softmax import ATTENTION_METHODS
 from linjax.parallel import sequence as sp
@@ -35,6 +36,9 @@ class LlamaAttention(QKVO):
 
   default_window = None
   default_num_sinks = 0
+  # attention transfer (`linjax.linearize.set_distill`): a softmax layer beside the distilled
+  # mixers is its own teacher, with its base weights and no gradient
+  distill = None
 
   def __init__(self, config, layer_idx: int, *, rngs, window=-1, num_sinks=-1, method="auto"):
     if method not in ATTENTION_METHODS:
@@ -53,10 +57,6 @@ class LlamaAttention(QKVO):
     if self.num_sinks < 0:
       raise ValueError(f"`num_sinks` must be >= 0, got {self.num_sinks}")
 
-  # attention transfer (`linjax.linearize.set_distill`): a softmax layer beside the distilled
-  # mixers is its own teacher, with its base weights and no gradient
-  distill = None
-
   def __call__(self, x, *, positions, segment_ids=None, cache=None):
     teacher = bool(self.distill) and cache is None
     q, k, v = self.project(x, base=teacher)
@@ -66,7 +66,6 @@ class LlamaAttention(QKVO):
                        segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
                        method=self.method)
       if teacher:
-        from linjax.layers.distill import teacher_output
         return teacher_output(self, o, x), None
       return self.out(o, x), None
     seg = token_mask(x, segment_ids).astype(jnp.int32)
