@@ -104,12 +104,6 @@ def main():
   batch = _batch(args.seq, args.batch)
   rows = []
   for name, over in VARIANTS.items():
-    if "linearize" in over:
-      try:
-        from linjax.linearize import linearize  # noqa: F401
-      except ImportError:
-        print(f"skipping {name}: linjax.linearize is not available")
-        continue
     rows.append(bench_variant(name, over, args, batch))
   try:
     load = os.getloadavg()

@@ -94,10 +94,7 @@ def get_config(arg: str = "cpu"):
 # --------------------------------------------------------------------------- the full run
 
 def heldout(tokenizer):
-  try:
-    from linjax.data.streams import heldout_tokens
-  except ImportError:                                  # before the data package landed
-    from linjax.eval.suite import heldout_tokens
+  from linjax.data.streams import heldout_tokens
   return heldout_tokens(tokenizer, EVAL_TOKENS).reshape(-1, EVAL_SEQ)
 
 

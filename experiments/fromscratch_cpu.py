@@ -164,10 +164,7 @@ def heldout_loss(model, n_rows: int = 16, seq_len: int = 256) -> float:
   """Mean next-byte cross-entropy (nats) on the first held-out rows, every model alike."""
   from linjax.data.tokenizers import ByteTokenizer
   from linjax.eval.metrics import perplexity
-  try:
-    from linjax.data.streams import heldout_tokens
-  except ImportError:
-    from linjax.eval.suite import heldout_tokens
+  from linjax.data.streams import heldout_tokens
   toks = heldout_tokens(ByteTokenizer(), n_rows * seq_len).reshape(n_rows, seq_len)
   return perplexity(model, toks, seq_len=seq_len, batch_size=8).nll
 

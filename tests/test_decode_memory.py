@@ -68,3 +68,22 @@ def test_softmax_cache_grows_with_context():
   """The control: a full KV cache is as long as max_len (so the size checks above can fail)."""
   small, big = cache_shapes("softmax", {}, 2, 1024), cache_shapes("softmax", {}, 2, 65536)
   assert nbytes(big) == 64 * nbytes(small) > 0
+
+
+def test_reported_decode_state_separates_the_kept_softmax_cache():
+  """The trainer's end-of-run report: a student with one softmax layer kept beside a linear
+  one grows by exactly that layer's K and V cache (hand count), the rest is fixed."""
+  from linjax.models.llama import Llama
+  from linjax.data.tokenizers import ByteTokenizer
+  from linjax.train.trainer import generate_samples
+
+  cfg = tiny_config(mixers=("gla", "softmax"), mixer_kwargs=[{"method": "chunk"}, {}],
+                    max_position_embeddings=65536, vocab_size=259)
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  out = generate_samples(model, None, ByteTokenizer(), ["ab"], 2, context=4096)
+  # 4096 more tokens in the one softmax layer: K and V (1 kv head x head dim 16, float32)
+  # and each slot's int32 position and segment id
+  assert out["student_growing_mib"] == pytest.approx(4096 * (2 * 16 * 4 + 2 * 4) / 2 ** 20)
+  gla_state = nbytes(cache_shapes("gla", {}, 1, 4096))
+  assert out["student_state_mib"] - out["student_growing_mib"] == pytest.approx(
+      gla_state / 2 ** 20, rel=0.05)

@@ -1,6 +1,7 @@
 """Small helpers shared by the linear-recurrence ops: method choice, padding, matmuls."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -10,20 +11,39 @@ METHODS = ("auto", "recurrent", "parallel", "chunk", "assoc_scan", "pallas")
 F32 = jnp.float32
 
 
-def resolve_method(method: str, kernel_name: str) -> str:
-  """`auto` -> `pallas` on GPU/TPU when `pallas_kernels.<kernel_name>` exists, else `chunk`."""
+def by_method(method: str, kernel_name: str, arrays: dict, kernel_kw: dict, run):
+  """The op's outputs (o float32, final state or None) by `method`.
+
+  `run(method, arrays)` computes the jnp forms; the Pallas form is
+  `pallas_kernels.<kernel_name>(**arrays, **kernel_kw)` (`kernel_kw` static, hashable).
+  "auto" is the Pallas kernel on GPU / TPU and "chunk" on CPU, picked by the platform being
+  compiled for (`jax.lax.platform_dependent`), so a program exported with `jax.export` for
+  "cuda" or "tpu" from a CPU host carries the kernels. An explicit "pallas" runs the kernel
+  everywhere (Pallas' interpreter on a CPU backend)."""
   if method not in METHODS:
     raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+  if method == "pallas":
+    return _kernel(kernel_name, jax.default_backend() == "cpu", **kernel_kw)(arrays)
   if method != "auto":
-    return method
-  if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
-    try:
-      mod = importlib.import_module("pallas_kernels")
-    except ImportError:
-      return "chunk"
-    if hasattr(mod, kernel_name):
-      return "pallas"
-  return "chunk"
+    return run(method, arrays)
+  if not hasattr(importlib.import_module("pallas_kernels"), kernel_name):
+    return run("chunk", arrays)
+  kernel = _kernel(kernel_name, False, **kernel_kw)
+  return jax.lax.platform_dependent(arrays, cuda=kernel, rocm=kernel, tpu=kernel,
+                                    default=lambda a: run("chunk", a))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(kernel_name: str, interpret, **kw):
+  """A jitted call of the kernel, one object per static configuration: layers of one shape
+  reuse its trace (tracing a Pallas kernel with its backward costs ~0.6 s on a CPU host,
+  paid in every layer of a model otherwise, on CPU too under "auto")."""
+  fn = pallas_kernel(kernel_name)
+
+  def call(arrays):
+    o, S = fn(**arrays, **kw, interpret=interpret)
+    return o.astype(F32), S
+  return jax.jit(call)
 
 
 def pallas_kernel(kernel_name: str):

@@ -35,7 +35,7 @@ from linjax.ops import varlen
 from linjax.ops._checks import (check_beta, check_cu_seqlens_values, check_log_gates,
                                 check_rank)
 from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
-                                masked_exp, pad_time, pallas_kernel, resolve_method,
+                                by_method, masked_exp, pad_time, pallas_kernel,
                                 segment_runs)
 from linjax.ops.gla import SUB_CHUNK, _check_inputs, resets, segsum, suffix_sum
 
@@ -70,21 +70,22 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
       raise ValueError(f"`g` must be a floating array (log decay <= 0), got {g.dtype}")
   scale = K ** -0.5 if scale is None else scale
   method = check_segment_ids(segment_ids, B, T, cu_seqlens, method)
-  method = resolve_method(method, "delta_rule_chunk")
-  if method == "pallas":
-    o, S = pallas_kernel("delta_rule_chunk")(
-        q, k, v, beta, g, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-        interpret=jax.default_backend() == "cpu", segment_ids=segment_ids)
-  else:
+
+  def run(method, a):
     runs = None if segment_ids is None else segment_runs(segment_ids)
     if cu_seqlens is None:
-      o, S = _delta_dense(q, k, v, beta, g, initial_state, scale=scale, method=method,
-                          chunk_size=chunk_size, runs=runs)
+      o, S = _delta_dense(a["q"], a["k"], a["v"], a["beta"], a["g"], a["initial_state"],
+                          scale=scale, method=method, chunk_size=chunk_size, runs=runs)
     else:
-      o, S = _delta_varlen(q, k, v, beta, g, initial_state, cu_seqlens, L, scale=scale,
-                           method=method, chunk_size=chunk_size)
-  return o.astype(v.dtype), (S if output_final_state else None)
+      o, S = _delta_varlen(a["q"], a["k"], a["v"], a["beta"], a["g"], a["initial_state"],
+                           cu_seqlens, L, scale=scale, method=method, chunk_size=chunk_size)
+    return o.astype(F32), (S if output_final_state else None)
+
+  arrays = dict(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state,
+                cu_seqlens=cu_seqlens, segment_ids=segment_ids)
+  o, S = by_method(method, "delta_rule_chunk", arrays, dict(
+      scale=scale, output_final_state=output_final_state, chunk_size=chunk_size), run)
+  return o.astype(v.dtype), S
 
 
 def delta_rule_step(state, q, k, v, beta, g=None, *, scale=None):

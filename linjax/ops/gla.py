@@ -13,7 +13,8 @@ Methods (one `method=` argument; all agree with `linjax.ops.reference.gla`):
   assoc_scan  like chunk, but the chunk states come from jax.lax.associative_scan over the
               per-chunk affine maps (decay vector, state contribution).
   pallas      `pallas_kernels.gla_chunk` (GPU / TPU; interpret mode on CPU).
-  auto        pallas on GPU / TPU when the kernel exists, else chunk.
+  auto        pallas on GPU / TPU, chunk on CPU, by the platform being compiled for (so a
+              `jax.export` for cuda / tpu from a CPU host gets the kernel).
 
 Numerics: gate cumulative sums are chunk-local and float32; every `exp` is of a number <= 0
 (masks are applied before the exp). Per-channel gates use sub-chunks of 16 anchored inside
@@ -45,7 +46,7 @@ from jax import lax
 from linjax.ops import varlen
 from linjax.ops._checks import (check_cu_seqlens_values, check_log_gates, check_rank)
 from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
-                                masked_exp, pad_time, pallas_kernel, resolve_method,
+                                by_method, masked_exp, pad_time, pallas_kernel,
                                 segment_runs)
 
 SUB_CHUNK = 16
@@ -124,29 +125,28 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=F
   K = q.shape[-1]
   scale = K ** -0.5 if scale is None else scale
   method = check_segment_ids(segment_ids, *q.shape[:2], cu_seqlens, method)
-  method = resolve_method(method, "gla_chunk")
   out_dtype = v.dtype
   V = v.shape[-1]
   if normalize:
     v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
 
-  if method == "pallas":
-    o, S = pallas_kernel("gla_chunk")(
-        q, k, v, g, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-        interpret=jax.default_backend() == "cpu", segment_ids=segment_ids)
-    o = o.astype(F32)
-  else:
+  def run(method, a):
     runs = None if segment_ids is None else segment_runs(segment_ids)
     if cu_seqlens is None:
-      o, S = _gla_dense(q, k, v, g, initial_state, scale=scale, method=method,
-                        chunk_size=chunk_size, runs=runs)
+      o, S = _gla_dense(a["q"], a["k"], a["v"], a["g"], a["initial_state"], scale=scale,
+                        method=method, chunk_size=chunk_size, runs=runs)
     else:
-      o, S = _gla_varlen(q, k, v, g, initial_state, cu_seqlens, L, scale=scale,
-                         method=method, chunk_size=chunk_size)
+      o, S = _gla_varlen(a["q"], a["k"], a["v"], a["g"], a["initial_state"], cu_seqlens, L,
+                         scale=scale, method=method, chunk_size=chunk_size)
+    return o.astype(F32), (S if output_final_state else None)
+
+  arrays = dict(q=q, k=k, v=v, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                segment_ids=segment_ids)
+  o, S = by_method(method, "gla_chunk", arrays, dict(
+      scale=scale, output_final_state=output_final_state, chunk_size=chunk_size), run)
   if normalize:
     o = o[..., :V] / (o[..., V:] + eps)
-  return o.astype(out_dtype), (S if output_final_state else None)
+  return o.astype(out_dtype), S
 
 
 def gla_step(state, q, k, v, g=None, *, scale=None, normalize=False, eps=1e-6):

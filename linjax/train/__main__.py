@@ -31,8 +31,11 @@ def report(summary) -> str:
     lines += ["", results_table(summary["evaluation"])]
   gen = summary.get("generations")
   if gen:
+    grows = gen.get("student_growing_mib", 0.0)
+    part = ("fixed" if grows < 0.05 else f"{grows:.1f} MiB of it a softmax KV cache that grows "
+            "with the context")
     lines += ["", f"Decode state at {gen['context']:,} tokens of context, batch 1: student "
-              f"{gen['student_state_mib']:.1f} MiB (fixed)" + (
+              f"{gen['student_state_mib']:.1f} MiB ({part})" + (
                   f", teacher KV cache {gen['teacher_kv_cache_mib']:.1f} MiB (grows with the "
                   "context)" if "teacher_kv_cache_mib" in gen else ""),
               "Student generations (greedy):"]

@@ -572,21 +572,25 @@ class Stage:
 # ---------------------------------------------------------------------------------------------
 # The run
 
-def _state_mib(tree):
+def _cache_mib(model, context):
+  """MiB of `model`'s decode cache for batch 1 at `context` tokens (shapes only)."""
+  tree = jax.eval_shape(lambda: model.init_cache(1, context))
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2 ** 20
 
 
 def generate_samples(model, teacher, tokenizer, prompts, max_new_tokens, context=8192):
   """Greedy continuations of `prompts` by the student (its decode state: the recurrent state
   of linear layers, the window ring of hybrids), and the decode-state size of the student and
-  of the teacher's KV cache at `context` tokens."""
+  of the teacher's KV cache at `context` tokens; `student_growing_mib` is the part of the
+  student's that grows with the context (the KV cache of layers kept as softmax)."""
   from linjax.generate import generate_text
   texts = generate_text(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
                         temperature=0.0)
+  at, twice = _cache_mib(model, context), _cache_mib(model, 2 * context)
   out = {"samples": dict(zip(prompts, texts)), "context": context,
-         "student_state_mib": _state_mib(model.init_cache(1, context))}
+         "student_state_mib": at, "student_growing_mib": twice - at}
   if teacher is not None:
-    out["teacher_kv_cache_mib"] = _state_mib(teacher.init_cache(1, context))
+    out["teacher_kv_cache_mib"] = _cache_mib(teacher, context)
   return out
 
 
