@@ -13,7 +13,7 @@ CORE = [
     "numpy>=2.0",
     "tqdm>=4.66",
     "matplotlib>=3.9",
-    "tensorboardX>=2.6",
+    "tensorboard>=2.16",
     "absl-py>=2.1",
 ]
 TORCH = [

@@ -301,6 +301,10 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--compile-t", type=int, default=512)
   p.add_argument("--sections", default="compile,decode,prefill,train")
+  p.add_argument("--num-layers", type=int, default=0,
+                 help="train / prefill / decode on the first N layers' shape (random weights: "
+                      "the cost of a layer does not depend on them; every layer costs the "
+                      "same, so the ratios between models hold); compile keeps all 30")
   p.add_argument("--md", default=None)
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
@@ -315,9 +319,16 @@ def main(argv=None):
   log = lambda s: print(f"[{time.time() - t0:6.0f}s] {s}", flush=True)
   base, what = base_model(args.quick)
   args.layers = base.config.num_hidden_layers
-  models = variants(base)
   sections = set(args.sections.split(","))
   compile_ = bench_compile(base, args.compile_t, log) if "compile" in sections else {}
+  if args.num_layers and not args.quick:
+    from linjax.models.llama import Llama, LlamaConfig
+    base = Llama(LlamaConfig(**dict(SMOLLM2, num_hidden_layers=args.num_layers)),
+                 rngs=nnx.Rngs(0))
+    what += (f"; train / prefill / decode on {args.num_layers} of its 30 layers (random "
+             "weights of that shape; the layers' time scales with their number, the "
+             "embedding and LM head, the same in every model, do not)")
+  models = variants(base)
   decode = bench_decode(models, ints(args.contexts), args.steps, log) if "decode" in sections else {}
   prefill = (bench_prefill(models, ints(args.prefill_ts), ints(args.recurrent_ts), log,
                            args.max_teacher_prefill)

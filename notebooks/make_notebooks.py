@@ -1,6 +1,9 @@
-"""Writes the three notebooks in this folder (without outputs) from the cells below.
+"""Writes the three notebooks in this folder from the cells below.
 
-    python notebooks/make_notebooks.py
+    python notebooks/make_notebooks.py            # cells only (no outputs)
+    python notebooks/make_notebooks.py --execute  # then runs each on this machine (CPU) and
+                                                  # saves it with its outputs and plots, as
+                                                  # the committed notebooks are
 
 Edit the cells here, not the .ipynb files, so the notebooks stay reviewable as code.
 `tests/test_notebooks.py` executes every notebook on CPU and fails on any error.
@@ -382,6 +385,23 @@ NOTEBOOKS = {
     "03_sequence_parallel.ipynb": NB03,
 }
 
+def execute(path, timeout=1800):
+  """Run the notebook at `path` top to bottom (its folder as working directory) and save it
+  with its outputs. Returns the seconds it took."""
+  import time
+  import nbclient
+  nb = nbformat.read(path, as_version=4)
+  t = time.time()
+  nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                          resources={"metadata": {"path": HERE}}).execute()
+  nbformat.write(nb, path)
+  return time.time() - t
+
+
 if __name__ == "__main__":
+  import sys
   for name, cells in NOTEBOOKS.items():
-    print("wrote", write(name, cells))
+    path = write(name, cells)
+    print("wrote", path, flush=True)
+    if "--execute" in sys.argv[1:]:
+      print(f"  executed in {execute(path):.0f} s, outputs saved", flush=True)

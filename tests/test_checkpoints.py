@@ -290,3 +290,12 @@ def test_metrics_rows_after_the_restored_step_are_rewritten(tmp_path):
   w3 = MetricsWriter(wd, 10, 7, progress=False, resume_step=7)
   assert w3.dropped_rows == 0 and open(w2.jsonl).read() == before
   w3.close()
+  # TensorBoard, read back by its own reader: each step once, the resumed run's values after
+  # the restored step (the dead run's steps 5-7 and its eval row at 6 purged)
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(os.path.join(wd, "tensorboard"))
+  acc.Reload()
+  loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+  assert loss == [(s, 10.0 - s) for s in range(1, 5)] + [(s, 100.0 + s) for s in range(5, 8)]
+  assert "eval/loss" not in acc.Tags()["scalars"] or not [
+      e for e in acc.Scalars("eval/loss") if e.step >= 5]

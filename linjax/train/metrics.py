@@ -15,21 +15,32 @@ import os
 import time
 
 
-def _summary_writer_cls():
-  """tensorboardX's SummaryWriter, imported without dragging in torch (~6 s) when torch is
-  installed but not yet imported: tensorboardX only uses it for torch tensors."""
-  import sys
-  blocked = "torch" not in sys.modules
-  if blocked:
-    sys.modules["torch"] = None   # makes `import torch` raise ImportError inside tensorboardX
-  try:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  except ImportError:
-    return None
-  finally:
-    if blocked and sys.modules.get("torch", 0) is None:
-      del sys.modules["torch"]
+class TensorBoardWriter:
+  """Scalars as TensorBoard event files, through the `tensorboard` package's own event writer
+  (no TensorFlow, no torch). `purge_step`: a resumed run first writes a START session log at
+  that step, and TensorBoard then drops the events of earlier files from that step on (what
+  the run that died logged past its last checkpoint)."""
+
+  def __init__(self, logdir: str, purge_step: int | None = None, flush_secs: int = 10):
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    self._pb = event_pb2
+    self._w = EventFileWriter(logdir, flush_secs=flush_secs)
+    if purge_step is not None:
+      self._w.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(purge_step),
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def add_scalar(self, tag: str, value: float, step: int):
+    from tensorboard.compat.proto import summary_pb2
+    self._w.add_event(self._pb.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])))
+
+  def flush(self):
+    self._w.flush()
+
+  def close(self):
+    self._w.close()
 
 
 def truncate_jsonl(path: str, last_step: int) -> int:
@@ -74,10 +85,8 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     if resume_step is not None:
       self.dropped_rows = truncate_jsonl(self.jsonl, int(resume_step))
-    SummaryWriter = _summary_writer_cls()
-    tb_kw = {} if resume_step is None else {"purge_step": int(resume_step) + 1}
-    self._tb = (SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10, **tb_kw)
-                if SummaryWriter is not None else None)
+    self._tb = TensorBoardWriter(os.path.join(workdir, "tensorboard"),
+                                 None if resume_step is None else int(resume_step) + 1)
     if progress:
       from tqdm.auto import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
