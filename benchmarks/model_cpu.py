@@ -130,7 +130,9 @@ def bench_train(models, ts, tokens, max_masked_t, max_teacher_t, log):
 
 @nnx.jit
 def _prefill(model, toks, cache):
-  return model(toks, cache=cache)
+  """What `linjax.generate` compiles for a prompt: the cache and the last position's logits
+  (the LM head over every position would be T x vocab of work no one reads)."""
+  return model(toks, cache=cache, last_only=True)
 
 
 def bench_prefill(models, ts, recurrent_ts, log, max_teacher=None):

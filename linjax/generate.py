@@ -42,7 +42,8 @@ def sample_logits(logits, key, *, temperature=0.0, top_p=1.0, greedy=None):
 def _prefill(graphdef, state, cache, tokens, positions, segment_ids, key, temperature, top_p,
              greedy):
   model = nnx.merge(graphdef, state)
-  logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+  logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                        last_only=True)
   tok = sample_logits(logits[:, -1], key, temperature=temperature, top_p=top_p, greedy=greedy)
   return tok, cache
 

@@ -307,3 +307,32 @@ def test_scan_layers_over_different_layers_runs_the_loop():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
   with pytest.raises(Exception, match="remat must be a bool or the name"):
     small_config(remat="some_policy")
+
+
+@pytest.mark.parametrize("mixers", [("softmax", "softmax"), ("lolcats", "softmax")])
+def test_last_only_logits_are_the_last_row_of_the_full_logits(mixers):
+  """The prefill form (`last_only=True`, what `linjax.generate` compiles) equals the last
+  position of the full logits, with and without a cache, and fills the same cache; the
+  recurrent transformer too."""
+  from linjax.models.recurrent_transformer import (RecurrentTransformer,
+                                                   RecurrentTransformerConfig)
+  cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                    max_position_embeddings=128, mixers=mixers,
+                    mixer_kwargs=[{"window": 4} if m == "lolcats" else {} for m in mixers])
+  rt = RecurrentTransformer(RecurrentTransformerConfig(
+      vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=2, window=4), rngs=nnx.Rngs(1))
+  toks = jax.random.randint(jax.random.PRNGKey(0), (2, 11), 0, 97)
+  for model in (Llama(cfg, rngs=nnx.Rngs(0)), rt):
+    full, _ = model(toks)
+    last, _ = model(toks, last_only=True)
+    assert last.shape == (2, 1, 97)
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, -1]), rtol=1e-5,
+                               atol=1e-5)
+    full_c, cache_a = model(toks, cache=model.init_cache(2, 16))
+    last_c, cache_b = model(toks, cache=model.init_cache(2, 16), last_only=True)
+    np.testing.assert_allclose(np.asarray(last_c[:, 0]), np.asarray(full_c[:, -1]),
+                               rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache_a), jax.tree.leaves(cache_b)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

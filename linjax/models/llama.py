@@ -394,9 +394,11 @@ class Llama(nnx.Module):
             "next_pos": jnp.zeros((batch_size,), jnp.int32)}
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, last_only: bool = False):
     """tokens [B, T] -> (logits [B, T, vocab] float32, cache), plus a dict of per-layer
-    activations when return_hidden (see `hidden_states`).
+    activations when return_hidden (see `hidden_states`). last_only: logits of the last
+    position alone ([B, 1, vocab]; a prefill needs no more, and the LM head over every
+    position is T x vocab of work).
 
     positions default to 0..T-1 (or continue from cache["next_pos"] when decoding);
     segment_ids [B, T]: packed documents (full pass) or 1 = token / 0 = padding (decode).
@@ -431,7 +433,7 @@ class Llama(nnx.Module):
         new_layers.append(c)
     if trace is not None:
       trace["final"] = x
-    x = self.norm(x)
+    x = self.norm(x[:, -1:] if last_only else x)
     if self.lm_head is None:
       logits = self.embed_tokens.attend(x)
     else:

@@ -298,8 +298,10 @@ class RecurrentTransformer(nnx.Module):
     return {"layers": [l.init_state(batch_size, dtype) for l in self.layers],
             "next_pos": jnp.zeros((batch_size,), jnp.int32)}
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
-    """tokens [B, T] -> (logits [B, T, vocab] float32, cache).
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None,
+               last_only: bool = False):
+    """tokens [B, T] -> (logits [B, T, vocab] float32, cache); last_only: the last
+    position's alone ([B, 1, vocab], as `linjax.Llama`).
 
     Without a cache: the full-sequence form (segment_ids: packed documents; positions are
     not used: the block's positions are window-relative). With a cache: T new tokens, one
@@ -326,7 +328,7 @@ class RecurrentTransformer(nnx.Module):
         positions = cache["next_pos"][:, None] + jnp.cumsum(real, axis=1) - 1
       last = jnp.max(jnp.where(real, positions, -1), axis=1)
       cache = {"layers": states, "next_pos": jnp.maximum(cache["next_pos"], last + 1)}
-    x = self.norm(x)
+    x = self.norm(x[:, -1:] if last_only else x)
     logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32), cache
 
