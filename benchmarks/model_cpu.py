@@ -229,7 +229,8 @@ def report(args, what, train, prefill, decode, compile_, wall):
        f"`python benchmarks/model_cpu.py {' '.join(args.argv)}` on {platform.machine()}, "
        f"{os.cpu_count()} CPU cores, jax {jax.__version__}, float32; {what}. Total "
        f"{wall / 60:.0f} min; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
-       f"{load[2]:.1f} (other jobs shared the cores: CPU-seconds are the steadier measure).", ""]
+       f"{load[2]:.1f} (1 / 5 / 15 min; this benchmark alone keeps it near 2 on 2 cores; "
+       "CPU-seconds are the steadier measure when something else runs).", ""]
   names = [n for n, _, _ in MODELS] + [MASKED]
   if train:
     L += [f"## Train step (forward + backward, {args.tokens:,} tokens per step)", "",
