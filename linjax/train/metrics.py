@@ -104,6 +104,16 @@ class MetricsWriter:
         if math.isfinite(v):
           self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
+  def message(self, text: str):
+    """A line for the person waiting (above the progress bar; stderr), process 0 only."""
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      import sys
+      print(text, file=sys.stderr, flush=True)
+
   def progress(self, n: int = 1, **postfix):
     if self._bar is not None:
       self._bar.update(n)

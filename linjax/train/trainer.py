@@ -508,9 +508,16 @@ class Stage:
           batch = to_global(next(it))
           lr = optim_lib.learning_rate(s.optim, step, progress_of(step, tokens, elapsed))
           t0 = time.time()
+          if t_first is None:
+            writer.message(f"stage {self.name}: compiling the train step "
+                           f"({model.config.num_hidden_layers}-layer model, {gb} x {seq} "
+                           "tokens); the first step includes it")
           state, metrics = train_step(state, teacher_state, batch, jnp.asarray(step, jnp.int32),
                                       jnp.asarray(lr, jnp.float32))
           loss = float(metrics["loss"])
+          if t_first is None:
+            writer.message(f"stage {self.name}: compiled, first step done in "
+                           f"{time.time() - t0:.0f} s")
           if not math.isfinite(loss):
             ck.wait()
             good = ck.latest_step()
