@@ -385,6 +385,7 @@ NOTEBOOKS = {
     "03_sequence_parallel.ipynb": NB03,
 }
 
+
 def execute(path, timeout=1800):
   """Run the notebook at `path` top to bottom (its folder as working directory) and save it
   with its outputs. Returns the seconds it took."""

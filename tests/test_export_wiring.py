@@ -21,6 +21,7 @@ from linjax.train import optim as optim_lib
 from linjax.train.config import stage
 from linjax.train.objectives import make_objective
 from linjax.train.trainer import make_train_step
+from tests.test_pallas_lowering import _export
 
 TRITON = "__gpu$xla.gpu.triton"
 MOSAIC = "tpu_custom_call"
@@ -62,8 +63,7 @@ def train_step_module(student, teach, weights, platform):
   args = (state, ts, batch, jnp.int32(0), jnp.float32(1e-3))
   if platform == "cpu":
     return step.lower(*args).as_text()
-  checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON)] if platform == "cuda" else []
-  return jax.export.export(step, platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+  return _export(step, platform, *args).mlir_module()   # asserts a Pallas call is in it
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

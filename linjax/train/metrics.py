@@ -22,9 +22,9 @@ class TensorBoardWriter:
   the run that died logged past its last checkpoint)."""
 
   def __init__(self, logdir: str, purge_step: int | None = None, flush_secs: int = 10):
-    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
-    self._pb = event_pb2
+    self._event, self._summary = event_pb2, summary_pb2
     self._w = EventFileWriter(logdir, flush_secs=flush_secs)
     if purge_step is not None:
       self._w.add_event(event_pb2.Event(
@@ -32,9 +32,9 @@ class TensorBoardWriter:
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def add_scalar(self, tag: str, value: float, step: int):
-    from tensorboard.compat.proto import summary_pb2
-    self._w.add_event(self._pb.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(
-        value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])))
+    value = self._summary.Summary.Value(tag=tag, simple_value=float(value))
+    self._w.add_event(self._event.Event(wall_time=time.time(), step=int(step),
+                                        summary=self._summary.Summary(value=[value])))
 
   def flush(self):
     self._w.flush()

@@ -515,9 +515,6 @@ class Stage:
           state, metrics = train_step(state, teacher_state, batch, jnp.asarray(step, jnp.int32),
                                       jnp.asarray(lr, jnp.float32))
           loss = float(metrics["loss"])
-          if t_first is None:
-            writer.message(f"stage {self.name}: compiled, first step done in "
-                           f"{time.time() - t0:.0f} s")
           if not math.isfinite(loss):
             ck.wait()
             good = ck.latest_step()
@@ -528,6 +525,7 @@ class Stage:
           now = time.time()
           if t_first is None:
             t_first = now
+            writer.message(f"stage {self.name}: compiled, first step done in {now - t0:.0f} s")
           else:
             elapsed += now - t0
           step += 1
