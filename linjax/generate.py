@@ -63,6 +63,14 @@ def _step(graphdef, state, cache, tok, key, temperature, top_p, greedy):
   return nxt, cache
 
 
+def decode_state_mib(model, context: int, batch: int = 1) -> float:
+  """MiB of `model`'s decode state (`model.init_cache`) for `batch` rows at `context` tokens,
+  from shapes only (nothing is allocated): the recurrent states and window rings of linear /
+  hybrid layers are the same at every context; a softmax layer's KV cache grows with it."""
+  tree = jax.eval_shape(lambda: model.init_cache(batch, context))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2 ** 20
+
+
 def left_pad(prompts, pad_token_id=0):
   """(tokens, positions, segment_ids) [B, L] for left-padded prompts."""
   lens = [len(p) for p in prompts]

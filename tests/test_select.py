@@ -81,3 +81,17 @@ def test_trainer_keeps_the_worst_layers_and_the_kept_baseline(tmp_path):
   assert [i for i, m in enumerate(base.config.mixers) if m == "softmax"] == saved["kept"]
   with pytest.raises(ValueError, match="baseline spec"):
     baseline_models(out["model"], ["sliding_window:8"], out["model"])
+
+
+def test_trainer_refuses_to_keep_every_layer_softmax(tmp_path):
+  """keep_softmax.layers as large as the layer count would train a model with no linear
+  layer (the transfer stage then finds no loss): a config error that names the field."""
+  from linjax.train import ConfigError, base_config, stage, stages, train
+  c = base_config()
+  c.data.embedded_split, c.data.max_rows, c.progress = "pydoc", 8, False
+  c.linearize = {"mixer": "lolcats", "window": 8}
+  c.keep_softmax = {"layers": 2, "tokens": 128, "seq_len": 64}
+  c.stages = stages(transfer=stage(steps=1, seq_len=64, batch_size=2,
+                                   trainable="feature_maps", objective={"attention_mse": 1.0}))
+  with pytest.raises(ConfigError, match=r"'keep_softmax.layers' = 2 keeps all 2 candidate"):
+    train(c, str(tmp_path))

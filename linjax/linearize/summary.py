@@ -86,9 +86,11 @@ def plot(evaluation: dict, runs: dict, path: str) -> str:
       ax.errorbar(run["tokens"], r[k], yerr=yerr, fmt="o", ms=5, capsize=2)
       ax.annotate(name, (run["tokens"], r[k]), fontsize=6, xytext=(3, 3),
                   textcoords="offset points")
-    ax.set_xscale("log")
+    ax.set_xscale("symlog", linthresh=1e3)      # untrained (step-0) models sit at 0
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("training tokens")
+    if k != "top1_agreement":
+      ax.set_yscale("log")
+    ax.set_xlabel("training tokens (0: untrained)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3, which="both")
   axes[0].axhline(1.0, color="gray", lw=0.8)
@@ -100,23 +102,49 @@ def plot(evaluation: dict, runs: dict, path: str) -> str:
   return path
 
 
+def merge_evaluations(paths) -> dict:
+  """The models of several `linjax eval` results in one dict. They are comparable only when
+  scored on the same held-out tokens against the same teacher, so the teacher's rows must be
+  equal; a model name in two files is an error."""
+  merged, teacher_from = {}, None
+  for path in paths:
+    with open(path) as f:
+      ev = json.load(f)
+    for name, r in ev.items():
+      if name == "teacher" and "teacher" in merged:
+        a, b = merged["teacher"], r
+        same = all(a.get(k) == b.get(k) for k in ("perplexity", "ppl_tokens", "passkey", "mqar"))
+        if not same:
+          raise ValueError(f"{path} and {teacher_from} score the teacher differently (another "
+                           "suite, tokens or teacher): their models are not comparable")
+        continue
+      if name in merged:
+        raise ValueError(f"model {name!r} is in {path} and in an earlier --eval file")
+      merged[name] = r
+      if name == "teacher":
+        teacher_from = path
+  return merged
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m linjax.linearize.summary", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--eval", required=True, help="results.json of `linjax eval` (or a trainer "
-                 "workdir's evaluation.json, with that one workdir in --runs)")
+  p.add_argument("--eval", required=True, nargs="+",
+                 help="results.json of `linjax eval` (several: merged, they must share the "
+                 "teacher's numbers; or a trainer workdir's evaluation.json, with that one "
+                 "workdir in --runs)")
   p.add_argument("--runs", nargs="*", default=[], help="trainer workdirs")
   p.add_argument("--out", required=True, help="output path stem (writes .md and .png)")
   args = p.parse_args(argv)
-  with open(args.eval) as f:
-    evaluation = json.load(f)
+  evaluation = merge_evaluations(args.eval)
   runs = {r["name"]: r for r in map(load_run, args.runs)}
   if len(runs) == 1 and "student" in evaluation and not set(runs) & set(evaluation):
     # a trainer's own end-of-run evaluation.json: its "student" is the run
     evaluation[next(iter(runs))] = evaluation.pop("student")
   missing = sorted(set(runs) - set(evaluation))
   if missing:
-    raise ValueError(f"runs not in {args.eval}: {missing} (evaluate them with linjax eval)")
+    raise ValueError(f"runs not in {' / '.join(args.eval)}: {missing} (evaluate them with "
+                     "linjax eval)")
   text = table(evaluation, runs)
   print(text)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

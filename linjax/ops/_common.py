@@ -11,26 +11,51 @@ METHODS = ("auto", "recurrent", "parallel", "chunk", "assoc_scan", "pallas")
 F32 = jnp.float32
 
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def current_platform() -> str:
+  b = jax.default_backend()
+  return "tpu" if b == "tpu" else "gpu" if b in ("gpu", "cuda", "rocm") else "cpu"
+
+
+def per_platform(choice: dict, make, *args):
+  """Run the method `choice[platform]` ({"cpu" | "gpu" | "tpu": static name}) of the platform
+  the program is compiled for: `make(platform, method)` gives a function of `args`. One
+  method everywhere is a plain call on this process's platform; otherwise every branch goes
+  under `jax.lax.platform_dependent`, so a program traced on a CPU host and exported (or
+  compiled ahead of time) for "cuda" / "tpu" carries that platform's fast path. The one
+  dispatcher of every op's `method="auto"`; each op decides its own `choice`."""
+  if len(set(choice.values())) == 1:
+    p = current_platform()
+    return make(p, choice[p])(*args)
+  gpu = make("gpu", choice["gpu"])
+  return jax.lax.platform_dependent(*args, cuda=gpu, rocm=gpu, tpu=make("tpu", choice["tpu"]),
+                                    default=make("cpu", choice["cpu"]))
+
+
 def by_method(method: str, kernel_name: str, arrays: dict, kernel_kw: dict, run):
   """The op's outputs (o float32, final state or None) by `method`.
 
   `run(method, arrays)` computes the jnp forms; the Pallas form is
   `pallas_kernels.<kernel_name>(**arrays, **kernel_kw)` (`kernel_kw` static, hashable).
   "auto" is the Pallas kernel on GPU / TPU and "chunk" on CPU, picked by the platform being
-  compiled for (`jax.lax.platform_dependent`), so a program exported with `jax.export` for
-  "cuda" or "tpu" from a CPU host carries the kernels. An explicit "pallas" runs the kernel
+  compiled for (`per_platform`), so a program exported with `jax.export` for "cuda" or
+  "tpu" from a CPU host carries the kernels. An explicit "pallas" runs the kernel
   everywhere (Pallas' interpreter on a CPU backend)."""
   if method not in METHODS:
     raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-  if method == "pallas":
-    return _kernel(kernel_name, jax.default_backend() == "cpu", **kernel_kw)(arrays)
-  if method != "auto":
-    return run(method, arrays)
-  if not hasattr(importlib.import_module("pallas_kernels"), kernel_name):
-    return run("chunk", arrays)
-  kernel = _kernel(kernel_name, False, **kernel_kw)
-  return jax.lax.platform_dependent(arrays, cuda=kernel, rocm=kernel, tpu=kernel,
-                                    default=lambda a: run("chunk", a))
+  if method == "auto":
+    fast = "pallas" if hasattr(importlib.import_module("pallas_kernels"), kernel_name) else "chunk"
+    choice = {"cpu": "chunk", "gpu": fast, "tpu": fast}
+  else:
+    choice = dict.fromkeys(PLATFORMS, method)
+
+  def make(platform, m):
+    if m == "pallas":
+      return _kernel(kernel_name, platform == "cpu", **kernel_kw)
+    return lambda a: run(m, a)
+  return per_platform(choice, make, arrays)
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from linjax.ops._common import PLATFORMS, per_platform
 from linjax.ops._checks import check_rank, check_same
 from linjax.ops.softmax_blocked import NEG, blocked_attention
 
@@ -108,9 +109,6 @@ def _cudnn(q, k, v, window, scale, return_stats):
     return out.astype(jnp.float32), None, None
   o, lse = out
   return o.astype(jnp.float32), lse.astype(jnp.float32), None
-
-
-PLATFORMS = ("cpu", "gpu", "tpu")
 
 
 def method_for_platform(platform, method, *, q, T, S, window, num_sinks, segment_ids,
@@ -245,28 +243,20 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
   args = (q, k, v, q_positions, kv_positions, segment_ids, kv_segment_ids, mask)
   with_m = all(m in ("parallel", "chunk") for m in per.values())
 
-  def branch(platform):
+  def make(platform, m):
     def f(*a):
-      o, lse, m = _run(per[platform], platform, *a, **kw)
+      o, lse, m_ = _run(m, platform, *a, **kw)
       if not return_stats:
         return o
-      return (o, lse, m) if with_m else (o, lse)
+      return (o, lse, m_) if with_m else (o, lse)
     return f
 
-  if len(set(per.values())) == 1:
-    out = branch(_current_platform())(*args)
-  else:   # pick the method by the platform being compiled for (jax.export across platforms)
-    out = jax.lax.platform_dependent(*args, cpu=branch("cpu"), cuda=branch("gpu"),
-                                     rocm=branch("gpu"), tpu=branch("tpu"))
+  out = per_platform(per, make, *args)
   if not return_stats:
     return out.astype(v.dtype)
   o, lse = out[0], out[1]
   return o.astype(v.dtype), lse, (out[2] if with_m else None)
 
-
-def _current_platform():
-  b = jax.default_backend()
-  return "tpu" if b == "tpu" else "gpu" if b in ("gpu", "cuda", "rocm") else "cpu"
 
 
 def merge_attention(parts):

@@ -135,12 +135,16 @@ def kept_softmax_layers(cfg, model, kw, train_tokens, workdir=None):
       return json.load(f)
   n = model.config.num_hidden_layers
   candidates = layer_ids(kw.get("layers"), n)
+  if int(ks.layers) >= len(candidates):
+    raise ConfigError(f"config field 'keep_softmax.layers' = {int(ks.layers)} keeps all "
+                      f"{len(candidates)} candidate layers of the {n}-layer model as softmax: "
+                      "nothing is left to linearize")
   rest = {k: v for k, v in kw.items() if k not in ("mixer", "layers")}
   tokens = train_tokens(int(ks.seq_len))[: max(int(ks.tokens) // int(ks.seq_len), 1)]
   losses = step0_transfer_losses(model, tokens, kw.get("mixer", "lolcats"), layers=candidates,
                                  **rest)
   sub = [float(losses[i]) for i in candidates]
-  kept = sorted(candidates[j] for j in worst_layers(sub, min(int(ks.layers), len(candidates))))
+  kept = sorted(candidates[j] for j in worst_layers(sub, int(ks.layers)))
   out = {"kept": kept, "losses": {int(i): float(losses[i]) for i in candidates},
          "tokens": int(tokens.size)}
   if path and jax.process_index() == 0:
@@ -181,6 +185,8 @@ def prepare_models(cfg, mesh, objectives, train_tokens=None, workdir=None):
         kw["layers"] = [i for i in layer_ids(kw.get("layers"), model.config.num_hidden_layers)
                         if i not in kept]
       model = linearize(model, **kw)
+    except ConfigError:
+      raise
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config field 'linearize': {e}") from None
   if cfg.model.method is not None or cfg.model.attention_method is not None:
@@ -577,25 +583,19 @@ class Stage:
 # ---------------------------------------------------------------------------------------------
 # The run
 
-def _cache_mib(model, context):
-  """MiB of `model`'s decode cache for batch 1 at `context` tokens (shapes only)."""
-  tree = jax.eval_shape(lambda: model.init_cache(1, context))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2 ** 20
-
-
 def generate_samples(model, teacher, tokenizer, prompts, max_new_tokens, context=8192):
   """Greedy continuations of `prompts` by the student (its decode state: the recurrent state
   of linear layers, the window ring of hybrids), and the decode-state size of the student and
   of the teacher's KV cache at `context` tokens; `student_growing_mib` is the part of the
   student's that grows with the context (the KV cache of layers kept as softmax)."""
-  from linjax.generate import generate_text
+  from linjax.generate import decode_state_mib, generate_text
   texts = generate_text(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
                         temperature=0.0)
-  at, twice = _cache_mib(model, context), _cache_mib(model, 2 * context)
+  at, twice = decode_state_mib(model, context), decode_state_mib(model, 2 * context)
   out = {"samples": dict(zip(prompts, texts)), "context": context,
          "student_state_mib": at, "student_growing_mib": twice - at}
   if teacher is not None:
-    out["teacher_kv_cache_mib"] = _cache_mib(teacher, context)
+    out["teacher_kv_cache_mib"] = decode_state_mib(teacher, context)
   return out
 
 
