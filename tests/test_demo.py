@@ -1,8 +1,8 @@
 """`make demo`'s config (experiments/lolcats_smollm2.py:demo) on the real SmolLM2-135M, cut to
 two steps a stage and the tiny eval suite: teacher load, linearize with sinks, both stages,
 export, the end-of-run evaluation beside both sliding-window baselines, generations. Slow:
-loading and compiling the 30-layer model takes minutes on 2 cores (the tiny-model version of
-the same command runs in the default suite, tests/test_readme_commands.py)."""
+loading and compiling the 30-layer model takes minutes on 2 cores (tests/test_readme_commands.py
+runs the same command on a tiny model; slow too)."""
 import json
 import os
 

@@ -386,3 +386,25 @@ def test_smollm2_lolcats_student_export(tmp_path):
   print(f"SmolLM2 LoLCATs student: max-normalized rel err {e:.2e}")
   prompts = [tok("The Python interpreter")["input_ids"], tok("To open a file,")["input_ids"]]
   assert hf_generate(hf, prompts, 16) == generate(model, prompts, max_new_tokens=16)
+
+
+@pytest.mark.parametrize("family,mixer,kw", [
+    ("qwen2", "lolcats", {"window": 8, "num_sinks": 2}),
+    ("qwen3", "gla", {}),
+    ("mistral", "liger", {"window": 8}),
+], ids=["qwen2-lolcats", "qwen3-gla", "mistral-liger"])
+def test_linearized_family_student_exports_to_torch(tmp_path, family, mixer, kw):
+  """A linearized Qwen2 (q/k/v biases), Qwen3 (q/k norms) or Mistral (sliding softmax in the
+  layer kept) student: the exported modeling code gives linjax's logits and greedy tokens."""
+  switches = {"qwen2": dict(model_type="qwen2", qkv_bias=True),
+              "qwen3": dict(model_type="qwen3", qk_norm=True),
+              "mistral": dict(model_type="mistral", sliding_window=8)}[family]
+  model = tiny_model(mixer, kw, layers=[0], **switches)
+  if family == "qwen2":   # non-zero biases, so a dropped bias shows
+    b = model.layers[1].self_attn.q_proj.bias
+    b[...] = jnp.asarray(np.random.RandomState(1).normal(0, 0.5, b.shape), b.dtype)
+  d = save_pretrained(model, str(tmp_path / "hf"))
+  hf = load_hf(d)
+  t = toks()
+  assert_rel(jax_logits(model, t), torch_logits(hf, t), 1e-4, f"{family} {mixer} torch vs linjax")
+  assert hf_generate(hf, GEN_PROMPTS, 8) == generate(model, GEN_PROMPTS, max_new_tokens=8)

@@ -207,3 +207,19 @@ def test_set_method_is_recorded_in_the_config_and_reloads(tmp_path):
   assert loaded.layers[1].self_attn.method == "chunk"
   with pytest.raises(ValueError, match="method"):
     set_method(model, "flash")
+
+
+def test_trainer_method_fields_reach_every_mixer_and_the_export(tmp_path):
+  """`--config.model.method` / `--config.model.attention_method` (what the CLI overrides set)
+  end up on every linear and softmax layer of the trained model and in its exported config."""
+  from linjax.train import base_config, stage, stages, train
+  c = base_config()
+  c.data.embedded_split, c.data.max_rows, c.progress = "pydoc", 4, False
+  c.linearize = {"mixer": "gla", "layers": [0]}
+  c.model.method, c.model.attention_method = "assoc_scan", "parallel"
+  c.stages = stages(ft=stage(steps=1, seq_len=32, batch_size=2, trainable="all",
+                             objective={"ce": 1.0}, ckpt_every=0))
+  s = train(c, str(tmp_path / "w"))
+  assert [l.self_attn.method for l in s["model"].layers] == ["assoc_scan", "parallel"]
+  back, _ = linjax.from_pretrained(str(tmp_path / "w"), tokenizer=False)
+  assert [l.self_attn.method for l in back.layers] == ["assoc_scan", "parallel"]

@@ -317,3 +317,32 @@ def test_logical_axes_of_the_factors():
   assert spec("gate_proj", "u", "kernel") == P(None, "tensor")    # mlp_rank x mlp
   assert spec("down_proj", "v", "kernel") == P("tensor", None)
   assert spec("down_proj", "u", "kernel") == P(None, "fsdp")
+
+
+def test_ffn_experiment_compresses_a_linearized_student(tmp_path, monkeypatch):
+  """experiments/ffn_compress_smollm2.py --student: the student's FFNs are compressed (the
+  r2low10 rule: rank 1/2 in the layers with the lowest SVD error), its linear mixers and
+  their weights are kept as they were, and its decode state does not change size."""
+  from linjax.convert import save_linjax
+  from linjax.generate import decode_state_mib
+  from tests.helpers import load_module
+  monkeypatch.setenv("LINJAX_CACHE", str(tmp_path / "cache"))
+  exp = load_module("experiments/ffn_compress_smollm2.py", "ffn_exp")
+  monkeypatch.setitem(exp.VARIANTS, "r2low3", dict(rank_fraction=1 / 2, lowest_error_layers=3))
+  student = linjax.linearize(Llama(tiny(num_hidden_layers=5), rngs=nnx.Rngs(0)),
+                             mixer="lolcats", window=4, num_sinks=1)
+  save_linjax(student, tmp_path / "run" / "model")
+  path, report = exp.prepare("r2low3", student=str(tmp_path / "run"))
+  _, every = linjax.compress_ffn(student, rank_fraction=1 / 2)
+  err = {r["layer"]: sum(r["rel_error"].values()) for r in every["layers"]}
+  best = sorted(sorted(err, key=err.get)[:3])
+  small, _ = linjax.from_pretrained(path, tokenizer=False)
+  assert [i for i, k in enumerate(small.config.mlp) if k == "lowrank"] == best
+  assert [r["layer"] for r in report["layers"]] == best
+  assert small.config.mixers == student.config.mixers == ("lolcats",) * 5
+  for a, b in zip(student.layers, small.layers):
+    for x, y in zip(jax.tree.leaves(nnx.state(a.self_attn)), jax.tree.leaves(nnx.state(b.self_attn))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert decode_state_mib(small, 256) == decode_state_mib(student, 256)
+  again, _ = exp.prepare("r2low3", student=str(tmp_path / "run" / "model"))
+  assert again == path          # a workdir and its model folder are the same student
