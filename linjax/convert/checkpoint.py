@@ -150,6 +150,14 @@ def _load_tokenizer(path, **kw):
     from transformers import AutoTokenizer
   except ImportError:
     return None
+  cfg = os.path.join(str(path), "config.json")
+  if os.path.isdir(str(path)) and os.path.exists(cfg):
+    with open(cfg) as f:
+      if str(json.load(f).get("model_type", "")).startswith("linjax"):
+        # a linearized model's own model_type: transformers' config registry does not know it
+        # (it would warn that it instantiates the wrong config); the tokenizer files suffice
+        from transformers import PretrainedConfig
+        kw.setdefault("config", PretrainedConfig())
   try:
     return AutoTokenizer.from_pretrained(path, **kw)
   except Exception:  # no tokenizer files: weights-only checkpoint

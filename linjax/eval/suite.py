@@ -178,11 +178,20 @@ def evaluate_models(models: dict, *, tokenizer, teacher=None, suite="quick",
       out[name]["ppl_ratio"] = out[name]["perplexity"] / out["teacher"]["perplexity"]
   if recall_tasks:
     batches = recall_batches(tokenizer, s)
+    bar = None
+    if progress:   # one step per (model, task, length): each is a few forward batches
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(all_models) * sum(len(batches[t]) for t in ("mqar", "passkey")),
+                 desc="recall", unit="set")
     for name, m in all_models.items():
       for task in ("mqar", "passkey"):
         res, ci, items = {}, {}, {}
         for L, b in batches[task].items():
+          if bar is not None:
+            bar.set_postfix_str(f"{name} {task}@{L}")
           hits = recall.recall_accuracy(m, b, batch_size=s.batch_size, per_example=True)
+          if bar is not None:
+            bar.update(1)
           used = _used(b)
           k, N = int(hits[used].sum()), int(used.sum())
           res[L], ci[L], items[L] = k / N, wilson(k, N), N
@@ -191,6 +200,8 @@ def evaluate_models(models: dict, *, tokenizer, teacher=None, suite="quick",
       if progress:
         print(f"  recall {name}: MQAR {out[name]['mqar']} passkey {out[name]['passkey']} "
               f"({time.time() - t0:.0f}s)", flush=True)
+    if bar is not None:
+      bar.close()
   for r in out.values():
     r["suite"] = suite if isinstance(suite, str) else "custom"
     r["seconds"] = time.time() - t0
@@ -297,10 +308,9 @@ def results_table(results: dict[str, dict]) -> str:
 def plot_recall(results: dict[str, dict], path: str) -> str:
   """PNG of recall accuracy vs context length with 95% intervals: MQAR (solid) and passkey
   (dashed), one colour per model. Returns `path`."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  from matplotlib.figure import Figure   # no pyplot: leaves the caller's backend alone
+  fig = Figure(figsize=(6.5, 4))
+  ax = fig.subplots()
   for i, (name, r) in enumerate(results.items()):
     c = f"C{i}"
     for task, ls in (("mqar", "-"), ("passkey", "--")):
@@ -325,5 +335,4 @@ def plot_recall(results: dict[str, dict], path: str) -> str:
   ax.set_title("In-context recall vs context length (95% intervals)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path

@@ -64,11 +64,10 @@ def table(evaluation: dict, runs: dict) -> str:
 
 
 def plot(evaluation: dict, runs: dict, path: str) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure   # no pyplot: leaves the caller's backend alone
   from matplotlib.ticker import NullFormatter
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+  fig = Figure(figsize=(15, 4.3))
+  axes = fig.subplots(1, 3)
   keys = (("ppl_ratio", "held-out perplexity / teacher's"),
           ("top1_agreement", "top-1 agreement with the teacher"),
           ("kl", "KL(teacher || model) per token (nats)"))
@@ -98,7 +97,6 @@ def plot(evaluation: dict, runs: dict, path: str) -> str:
   fig.suptitle("Linearized SmolLM2-135M on the held-out split: quality vs training tokens")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 

@@ -147,12 +147,11 @@ class MetricsWriter:
   def plot(self, path: str | None = None) -> str | None:
     if not self.enabled:
       return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # no pyplot: leaves the caller's backend alone
     h = self.history()
     path = path or os.path.join(self.workdir, "loss_curve.png")
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     tr = sorted(h["train"].items())
     if tr:
       ax.plot([s for s, _ in tr], [r["loss"] for _, r in tr], label="train loss", lw=1)
@@ -165,7 +164,6 @@ class MetricsWriter:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
   def summary(self, summary: dict) -> str | None:

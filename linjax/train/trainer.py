@@ -601,10 +601,9 @@ def generate_samples(model, teacher, tokenizer, prompts, max_new_tokens, context
 
 def plot_stages(path, stages):
   """One PNG of every stage's training (and validation) loss against its steps."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.6), squeeze=False)
+  from matplotlib.figure import Figure   # no pyplot: leaves the caller's backend alone
+  fig = Figure(figsize=(4.5 * len(stages), 3.6))
+  axes = fig.subplots(1, len(stages), squeeze=False)
   for ax, st in zip(axes[0], stages):
     h = MetricsWriter(st.dir, 0, 0, enabled=False).history()
     tr = sorted(h.get("train", {}).items())
@@ -621,7 +620,6 @@ def plot_stages(path, stages):
   axes[0][0].set_ylabel("loss")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
