@@ -65,11 +65,6 @@ def teacher_dir() -> str:
   return path
 
 
-def _student_model_dir(student: str) -> str:
-  path = os.path.join(student, "model")
-  return path if os.path.isdir(path) else student
-
-
 def prepare(variant: str, student: str | None = None) -> tuple[str, dict]:
   """(folder of the compressed model, compress_ffn report), made once per variant (and per
   student: `student` is a linearized model to compress instead of the dense teacher)."""
@@ -78,7 +73,8 @@ def prepare(variant: str, student: str | None = None) -> tuple[str, dict]:
   name = variant
   if student is not None:
     import hashlib
-    student = os.path.abspath(_student_model_dir(student))
+    from linjax.convert.checkpoint import workdir_model
+    student = os.path.abspath(workdir_model(student))
     name = f"{variant}@{hashlib.sha1(student.encode()).hexdigest()[:10]}"
   path = os.path.join(cache_root(), name)
   report_path = os.path.join(path, "compress_report.json")
@@ -168,7 +164,7 @@ def main(argv=None):
   prefix = ""
   if a.student:
     prefix = "lolcats+"
-    student, _ = linjax.from_pretrained(_student_model_dir(a.student), tokenizer=False)
+    student, _ = linjax.from_pretrained(a.student, tokenizer=False)
     res["lolcats"] = {"source": a.student, "params": param_count(student),
                       "ffn_params": ffn_params(student), **decode_memory(student),
                       "mixers": list(student.config.mixers),

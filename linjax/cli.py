@@ -37,14 +37,12 @@ def _progress(msg):
 def _load(path, dtype):
   """from_pretrained with a line before (GGUF dequantization / orbax restore take seconds)
   and one after; the text of `generate` stays alone on stdout."""
-  import jax
-  from flax import nnx
+  from linjax.compress import param_count
   from linjax.convert import from_pretrained
   t0 = time.time()
   _progress(f"loading {path} ...")
   model, tok = from_pretrained(path, dtype=dtype)   # bad input: one line (main)
-  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  _progress(f"loaded {n / 1e6:.1f}M parameters ({model.config.num_hidden_layers} layers) "
+  _progress(f"loaded {param_count(model) / 1e6:.1f}M parameters ({model.config.num_hidden_layers} layers) "
             f"in {time.time() - t0:.1f}s")
   return model, tok
 

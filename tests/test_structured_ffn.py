@@ -332,6 +332,7 @@ def test_ffn_experiment_compresses_a_linearized_student(tmp_path, monkeypatch):
   student = linjax.linearize(Llama(tiny(num_hidden_layers=5), rngs=nnx.Rngs(0)),
                              mixer="lolcats", window=4, num_sinks=1)
   save_linjax(student, tmp_path / "run" / "model")
+  (tmp_path / "run" / "stages").mkdir()          # a trainer workdir: stages/ and model/
   path, report = exp.prepare("r2low3", student=str(tmp_path / "run"))
   _, every = linjax.compress_ffn(student, rank_fraction=1 / 2)
   err = {r["layer"]: sum(r["rel_error"].values()) for r in every["layers"]}

@@ -168,6 +168,13 @@ def _load_tokenizer(path, **kw):
 
 # --- public API -------------------------------------------------------------------------
 
+def workdir_model(path: str) -> str:
+  """`path/model` when `path` is a trainer workdir (its `stages/` and the model it exported),
+  else `path`: what every loader of a model path accepts."""
+  model = os.path.join(path, "model")
+  return model if os.path.isdir(os.path.join(path, "stages")) and os.path.isdir(model) else path
+
+
 def not_found(path) -> FileNotFoundError:
   """The error for a path that does not exist; a Hugging Face Hub id ("org/name") is told
   that nothing is downloaded."""
@@ -235,8 +242,7 @@ def from_pretrained(path, *, dtype=None, param_dtype=None, shardings=None, confi
   if path == "smollm2":
     from linjax.data.tokenizers import smollm2_gguf_path
     path = smollm2_gguf_path()
-  if os.path.isdir(os.path.join(path, "stages")) and os.path.isdir(os.path.join(path, "model")):
-    path = os.path.join(path, "model")      # a trainer workdir: the model it exported
+  path = workdir_model(path)
   if cache_dir is not None and not os.path.isdir(os.path.join(path, "state")):
     path = _cached(path, cache_dir, config)
     config = None

@@ -258,7 +258,6 @@ def attention(q, k, v, *, causal=True, window=None, num_sinks=0, segment_ids=Non
   return o.astype(v.dtype), lse, (out[2] if with_m else None)
 
 
-
 def merge_attention(parts):
   """Combine attention over disjoint key sets: parts = [(o, lse), ...] with o [B, T, H, D]
   and lse [B, T, H] (as `attention(..., return_stats=True)` gives). Returns (o, lse)."""

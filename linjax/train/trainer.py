@@ -104,10 +104,8 @@ def load_model(cfg, mesh):
   """The model named by `config.init_from` or `config.model`, sharded on `mesh`."""
   from linjax.parallel.rules import create_sharded
   if cfg.init_from:
-    path = cfg.init_from
-    if os.path.isdir(os.path.join(path, "stages")) and os.path.isdir(os.path.join(path, "model")):
-      path = os.path.join(path, "model")          # a run's workdir: the model it exported
-    return _load_path(path, cfg, mesh)
+    from linjax.convert.checkpoint import workdir_model
+    return _load_path(workdir_model(cfg.init_from), cfg, mesh)
   if cfg.model.source != "tiny":
     return _load_path(cfg.model.source, cfg, mesh)
   from linjax.models.llama import Llama, LlamaConfig
