@@ -126,7 +126,9 @@ def _parser():
   sub.add_parser("linearize", help="run a linearization recipe (a train config with a "
                  "`linearize` field): --config experiments/RECIPE.py:ARG --workdir DIR",
                  add_help=False)
-  sub.add_parser("eval", help="linjax.eval.cli", add_help=False)
+  sub.add_parser("eval", help="held-out perplexity ratio, top-1, KL and recall of models "
+                 "against a teacher and untrained baselines: --model M --teacher T --suite S",
+                 add_help=False)
   return p
 
 
@@ -158,10 +160,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
   if argv and argv[0] in ("train", "linearize"):
-    from absl import app
-    from linjax.train.__main__ import main as train_main
-    app.run(train_main, argv=[f"linjax {argv[0]}"] + argv[1:])
-    return 0
+    from linjax.train.__main__ import run
+    return run([f"linjax {argv[0]}"] + argv[1:])
   if argv and argv[0] == "eval":
     from linjax.eval.cli import main as eval_main
     return eval_main(argv[1:])

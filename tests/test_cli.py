@@ -72,3 +72,25 @@ def test_cli_errors_and_module_entry(tmp_path):
   r = subprocess.run([sys.executable, "-m", "linjax", "--version"], capture_output=True,
                      text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0 and r.stdout.strip() == f"linjax {linjax.__version__}"
+
+
+@pytest.mark.parametrize("sub,expect", [
+    ("convert", ["src", "dst", "--to"]),
+    ("generate", ["--model", "--prompt", "--method"]),
+    ("train", ["--config FILE.py[:ARG]", "--workdir", "--config.FIELD=VALUE", "time_budget_s",
+               "experiments/lolcats_smollm2.py"]),
+    ("linearize", ["--config FILE.py[:ARG]", "--workdir", "keep_softmax.*"]),
+    ("eval", ["--model", "--teacher", "--baseline", "--suite"]),
+])
+def test_every_subcommand_has_a_useful_help(sub, expect, capsys):
+  """`linjax SUB --help` exits 0 and names the flags a user needs (train / linearize used
+  to print absl's one-line "Try --helpfull")."""
+  try:
+    rc = main([sub, "--help"])
+  except SystemExit as e:    # argparse's --help
+    rc = e.code
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert out.startswith(f"usage: linjax {sub}"), out[:200]
+  for e in expect:
+    assert e in out, (sub, e, out)

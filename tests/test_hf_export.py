@@ -95,12 +95,16 @@ def load_hf(d):
   return transformers.AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
 
 
+# cached across tests, so not under a test's tmp_path; removed when the process exits
+_TMP = tempfile.TemporaryDirectory(prefix="linjax_tests_")
+
+
 @functools.cache
 def exported(i):
   """(linjax model, export dir, torch model) of CASES[i]."""
   name, kw = CASES[i]
   model = tiny_model(name, kw)
-  d = save_pretrained(model, os.path.join(tempfile.mkdtemp(prefix="linjax_hfx_"), "hf"))
+  d = save_pretrained(model, os.path.join(tempfile.mkdtemp(prefix="hfx_", dir=_TMP.name), "hf"))
   return model, d, load_hf(d)
 
 

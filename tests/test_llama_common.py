@@ -51,10 +51,14 @@ def hf_model(name):
   return m
 
 
+# cached across tests, so not under a test's tmp_path; removed when the process exits
+_TMP = tempfile.TemporaryDirectory(prefix="linjax_tests_")
+
+
 @functools.cache
 def saved_hf_dir(name, how="safetensors"):
   """save_pretrained of `hf_model(name)`: how = safetensors | sharded | bin."""
-  d = os.path.join(tempfile.mkdtemp(prefix=f"linjax_{name}_"), how)
+  d = os.path.join(tempfile.mkdtemp(prefix=f"{name}_", dir=_TMP.name), how)
   m = hf_model(name)
   if how == "safetensors":
     m.save_pretrained(d)

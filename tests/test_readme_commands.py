@@ -96,6 +96,8 @@ def run_command(cmd: str, tmp: str, runs: dict) -> str:
     return "make test: the CI run itself"
   if head == "python" and args[1:3] == ["-m", "linjax.train"]:
     return _run(["-m", "linjax.train"] + _train_like(args[3:], tmp), tmp)
+  if head == "python" and args[1:3] == ["-m", "linjax.eval.lm_eval_adapter"]:
+    return _run(_lm_eval_args(args[1:], runs.get("lm_eval_model")), tmp)
   assert head == "linjax", cmd
   sub = args[1]
   if sub == "--version":
@@ -119,7 +121,19 @@ def run_command(cmd: str, tmp: str, runs: dict) -> str:
   raise AssertionError(f"no runner for README command: {cmd}")
 
 
-KNOWN = (r"^make (demo|test)$", r"^python -m linjax\.train --config ", r"^linjax --version$",
+def _lm_eval_args(args, model=None):
+  """The README's lm-eval line, its model moved to `model` (when given) and lm-eval's tables
+  still printed."""
+  out = []
+  for a in args:
+    if model is not None and a.startswith("path="):
+      a = ",".join(f"path={model}" if kv.startswith("path=") else kv for kv in a.split(","))
+    out.append(a)
+  return out
+
+
+KNOWN = (r"^make (demo|test)$", r"^python -m linjax\.train --config ",
+         r"^python -m linjax\.eval\.lm_eval_adapter --model linjax ", r"^linjax --version$",
          r"^linjax (train|linearize) --config experiments/", r"^linjax convert ",
          r"^linjax generate --model ", r"^linjax eval --model ")
 
@@ -129,6 +143,28 @@ def test_every_readme_command_has_a_runner():
   assert any(c.startswith("linjax linearize") for c in cmds)
   for c in cmds:
     assert any(re.search(p, c) for p in KNOWN), f"README command without a test: {c}"
+
+
+def test_readme_lm_eval_command(tmp_path):
+  """The README's lm-eval line as shown (a fresh interpreter, no --include_path: the wrapper
+  adds linjax's local tasks), its model a tiny saved Llama with a word tokenizer."""
+  import torch
+  import transformers
+  from tests.test_lm_eval_adapter import _word_tokenizer
+  line = next(c for c in readme_commands() if c.startswith("python -m linjax.eval.lm_eval_adapter"))
+  tok = _word_tokenizer()
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+  tok.save_pretrained(tmp_path / "model")
+  out = run_command(line, str(tmp_path), {"lm_eval_model": str(tmp_path / "model")})
+  assert "linjax_tiny_mc" in out and "acc" in out
+  res = list((tmp_path / "lm_eval").rglob("results_*.json"))
+  assert res, "lm-eval wrote no results under the README's --output_path"
+  acc = json.load(open(res[0]))["results"]["linjax_tiny_mc"]["acc,none"]
+  assert 0.0 <= acc <= 1.0
 
 
 @pytest.mark.slow   # three tiny training runs in fresh interpreters: minutes on 2 cores

@@ -4,9 +4,10 @@ Importing this module registers `LinjaxLM` under the name "linjax" in lm-eval's 
 registry (lm-eval has no plugin discovery of its own, so something must import it). Three
 ways to run it:
 
-  # 1. the harness CLI through linjax's wrapper (imports this module, then runs lm-eval):
-  python -m linjax.eval.lm_eval_adapter --model linjax --model_args path=MODEL \\
-      --tasks linjax_tiny_mc --include_path "$(python -m linjax.eval.lm_eval_adapter --tasks-dir)"
+  # 1. the harness CLI through linjax's wrapper (imports this module, adds linjax's local
+  #    tasks to --include_path, then runs lm-eval; any lm-eval task name works):
+  python -m linjax.eval.lm_eval_adapter --model linjax --model_args path=MODEL,batch_size=8 \\
+      --tasks linjax_tiny_mc
   # 2. plain `lm_eval`, after a one-time `python -m linjax.eval.lm_eval_adapter --install`
   #    (writes a .pth file that registers "linjax" lazily whenever lm-eval loads its models)
   lm_eval --model linjax --model_args path=MODEL,batch_size=8 --tasks hellaswag
@@ -76,10 +77,15 @@ class LinjaxLM(TemplateLM):
     """`--model_args k=v,...` plus the CLI's own settings (`--batch_size`, `--device`, ...);
     a key given in both (`batch_size=8` in model_args and lm-eval's default --batch_size)
     takes the model_args value instead of raising "multiple values for keyword argument"."""
-    args = lm_utils.simple_parse_args_string(arg_string)
+    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
+                                   additional_config)
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+    """The same for `--model_args` that lm-eval's CLI has already parsed into a dict."""
     extra = {k: v for k, v in (additional_config or {}).items()
-             if v is not None and k not in args}
-    return cls(**args, **extra)
+             if v is not None and k not in arg_dict}
+    return cls(**arg_dict, **extra)
 
   def __init__(self, path: str | None = None, model=None, tokenizer=None, batch_size=8,
                max_length: int | None = None, max_gen_toks: int = 256,
@@ -252,8 +258,9 @@ def install_plugin(site_dir: str | None = None) -> str:
 
 def main(argv=None):
   """`python -m linjax.eval.lm_eval_adapter [lm-eval args]`: lm-eval's CLI with "linjax"
-  registered. Extra flags: `--install` (write the .pth plugin), `--tasks-dir` (print the
-  folder of linjax's local task YAMLs, for `--include_path`)."""
+  registered and linjax's local tasks (`linjax_tiny_mc`, in TASKS_DIR) included unless an
+  `--include_path` is given. Extra flags: `--install` (write the .pth plugin), `--tasks-dir`
+  (print the folder of linjax's local task YAMLs, for `--include_path`)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["--install"]:
     print(install_plugin())
@@ -262,6 +269,8 @@ def main(argv=None):
     print(TASKS_DIR)
     return 0
   from lm_eval.__main__ import cli_evaluate
+  if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+    argv += ["--include_path", TASKS_DIR]
   sys.argv = ["lm_eval"] + argv
   cli_evaluate()
   return 0

@@ -46,6 +46,43 @@ def report(summary) -> str:
   return "\n".join(lines)
 
 
+def usage(prog: str = "python -m linjax.train") -> str:
+  """--help of `python -m linjax.train`, `linjax train` and `linjax linearize`."""
+  import glob
+  import os
+  from linjax.train.config import base_config, stage
+  c = base_config()
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  exps = sorted(os.path.relpath(f, root) for f in glob.glob(os.path.join(root, "experiments", "*.py"))
+                if "def get_config" in open(f, encoding="utf-8").read())
+
+  def names(d):
+    return ", ".join(f"{k}.*" if hasattr(d[k], "keys") else k for k in sorted(d.keys()))
+  return "\n".join([
+      f"usage: {prog} --config FILE.py[:ARG] --workdir DIR [--config.FIELD=VALUE ...]", "",
+      "Runs a config of linjax's training loop: the stages of c.stages in order (a recipe's",
+      "`linearize` field swaps the mixers first), with checkpoints, TensorBoard and loss PNGs",
+      "in DIR; the same command resumes a killed run.", "",
+      "  --config FILE.py[:ARG]   an ml_collections config file; ARG goes to its get_config(arg)",
+      "  --config.FIELD=VALUE     override any field (unknown fields are an error), e.g.",
+      "                           --config.stages.finetune.steps=20 --config.model.method=pallas",
+      "  --workdir DIR            run directory (resumes when it has checkpoints)",
+      "  --helpfull               every absl flag", "",
+      f"config fields: {names(c)}",
+      f"per stage (--config.stages.NAME.FIELD): {names(stage())}",
+      "", "configs in experiments/ (each docstring lists its ARGs):",
+      *[f"  {e}" for e in exps]])
+
+
+def run(argv) -> int:
+  """Entry point of every way in: argv[0] is the program name shown in --help."""
+  if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
+    print(usage(argv[0]))
+    return 0
+  app.run(main, argv=argv)
+  return 0
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
@@ -58,4 +95,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  import sys
+  sys.exit(run(["python -m linjax.train"] + sys.argv[1:]))
