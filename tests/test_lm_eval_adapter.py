@@ -58,13 +58,7 @@ def test_plain_lm_eval_cli_with_the_pth_plugin(tmp_path):
   holds the .pth that `install_plugin` writes: lm-eval's own CLI finds the adapter, loads a
   saved model with linjax.from_pretrained and runs a local task."""
   from linjax.eval.lm_eval_adapter import install_plugin
-  tok = _word_tokenizer()
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
-  tok.save_pretrained(tmp_path / "model")
+  save_tiny_llama(tmp_path / "model")
   site_dir = tmp_path / "site"
   site_dir.mkdir()
   install_plugin(str(site_dir))
@@ -96,6 +90,18 @@ def test_install_plugin_writes_pth(tmp_path):
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip() == TASKS_DIR
+
+
+def save_tiny_llama(path):
+  """A 1-layer random HF Llama (seed 0) with the word tokenizer of the local tasks, saved
+  to `path` (what lm-eval's CLI loads)."""
+  tok = _word_tokenizer()
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+  tok.save_pretrained(path)
 
 
 def _word_tokenizer():

@@ -148,17 +148,9 @@ def test_every_readme_command_has_a_runner():
 def test_readme_lm_eval_command(tmp_path):
   """The README's lm-eval line as shown (a fresh interpreter, no --include_path: the wrapper
   adds linjax's local tasks), its model a tiny saved Llama with a word tokenizer."""
-  import torch
-  import transformers
-  from tests.test_lm_eval_adapter import _word_tokenizer
+  from tests.test_lm_eval_adapter import save_tiny_llama
   line = next(c for c in readme_commands() if c.startswith("python -m linjax.eval.lm_eval_adapter"))
-  tok = _word_tokenizer()
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
-  tok.save_pretrained(tmp_path / "model")
+  save_tiny_llama(tmp_path / "model")
   out = run_command(line, str(tmp_path), {"lm_eval_model": str(tmp_path / "model")})
   assert "linjax_tiny_mc" in out and "acc" in out
   res = list((tmp_path / "lm_eval").rglob("results_*.json"))

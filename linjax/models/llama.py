@@ -406,6 +406,22 @@ class Llama(nnx.Module):
     decoding (a cache is given) or under `linjax.ops._checks.traced_value_checks()`
     (ValueError naming the id; unchecked, an id out of range gives NaN logits).
     """
+    x, new_layers, positions, trace = self._body(tokens, positions, segment_ids, cache,
+                                                 return_hidden)
+    if trace is not None:
+      trace["final"] = x
+    logits = self.head(x[:, -1:] if last_only else x)
+    if cache is not None:
+      real = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
+      cache = {"layers": new_layers,
+               "next_pos": jnp.maximum(cache["next_pos"], jnp.max(real, axis=1) + 1)}
+    if return_hidden:
+      return logits, cache, trace
+    return logits, cache
+
+  def _body(self, tokens, positions, segment_ids, cache, return_hidden):
+    """Embedding and layers: (x [B, T, d] before the final norm, new layer caches, positions,
+    trace or None)."""
     B, T = tokens.shape
     _check_token_ids(tokens, self.config.vocab_size, cache is not None)
     if positions is None:
@@ -431,21 +447,20 @@ class Llama(nnx.Module):
           x, c = layer(x, positions=positions, segment_ids=segment_ids,
                        cache=None if cache is None else cache["layers"][i], trace=trace)
         new_layers.append(c)
-    if trace is not None:
-      trace["final"] = x
-    x = self.norm(x[:, -1:] if last_only else x)
-    if self.lm_head is None:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    logits = logits.astype(jnp.float32)
-    if cache is not None:
-      real = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
-      cache = {"layers": new_layers,
-               "next_pos": jnp.maximum(cache["next_pos"], jnp.max(real, axis=1) + 1)}
-    if return_hidden:
-      return logits, cache, trace
-    return logits, cache
+    return x, new_layers, positions, trace
+
+  def head(self, x):
+    """The final norm and LM head: the last layer's output [..., d] -> logits [..., vocab]
+    float32. `final_hidden` then `head` is `__call__` without the cache; a loss can apply
+    the head to a few positions at a time (`stage.loss_chunk`)."""
+    x = self.norm(x)
+    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+    return logits.astype(jnp.float32)
+
+  def final_hidden(self, tokens, positions=None, segment_ids=None):
+    """The last layer's output [B, T, d] of a full pass (before the final norm): what the LM
+    head reads, without the [B, T, vocab] logits."""
+    return self._body(tokens, positions, segment_ids, None, False)[0]
 
   def _scannable(self) -> bool:
     """True when every layer has the same structure (graphdef) and none is distilling."""

@@ -38,7 +38,6 @@ and expect that [.., V + 1] state as `initial_state` / final state (and to `gla_
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -403,6 +402,9 @@ def _intra_per_channel(q, k, g, C):
   exp(sum_{p < l <= i} g) * exp(sum_{j < l <= p} g), both <= 1, each a direct running sum
   (a cumsum inside the query sub-chunk, a reverse cumsum from p over the keys), so long
   chunks (the parallel form) lose no precision to cancellation.
+  With s = 16 the diagonal blocks run one key column at a time, so their [s, s, K] decays
+  (16x a key tensor; at T = 16k, 576 MiB per instance for SmolLM2's 9 heads) never exist
+  at once.
   """
   s = SUB_CHUNK if C % SUB_CHUNK == 0 else C
   m = C // s
@@ -411,10 +413,20 @@ def _intra_per_channel(q, k, g, C):
   qs = q.reshape(lead + (m, s, K)).astype(F32)
   ks = k.reshape(lead + (m, s, K)).astype(F32)
   gs = g.reshape(lead + (m, s, K))
-  # diagonal blocks: [.., m, s, s, K] decay, masked before exp
-  tri = jnp.tril(jnp.ones((s, s), bool))[:, :, None]
-  dec = masked_exp(segsum(gs, axis=-2), tri)
-  diag = jnp.einsum("...ik,...jk,...ijk->...ij", qs, ks, dec)      # [.., m, s, s]
+  if s <= SUB_CHUNK:
+    # diagonal blocks, one key column j at a time (a block's [s, s, K] decay is never
+    # whole): dec_j[i] = exp(sum_{j < l <= i} g_l) for i >= j, the running sums of `segsum`
+    idx = jnp.arange(s)
+    cols = []
+    for j in range(s):
+      dec = masked_exp(jnp.cumsum(jnp.where((idx > j)[:, None], gs, 0.0), axis=-2),
+                       (idx >= j)[:, None])                        # [.., m, s, K]
+      cols.append(jnp.sum(qs * ks[..., j:j + 1, :] * dec, -1))     # [.., m, s]
+    diag = jnp.stack(cols, -1)                                     # [.., m, s, s]
+  else:   # one block of a chunk length that 16 does not divide: the [s, s, K] decay
+    tri = jnp.tril(jnp.ones((s, s), bool))[:, :, None]
+    dec = masked_exp(segsum(gs, axis=-2), tri)
+    diag = jnp.einsum("...ik,...jk,...ijk->...ij", qs, ks, dec)    # [.., m, s, s]
   if m == 1:
     return diag.reshape(lead + (C, C))
   q_off = qs * jnp.exp(jnp.cumsum(gs, axis=-2))                     # [.., m, s, K], <= 1

@@ -65,6 +65,8 @@ Stage fields (`stage()`; one ConfigDict per stage in `config.stages`, run in ord
                      when `trainable` has "lora"; merged at its end when merge_after)
   objective          {term: weight} over `linjax.train.objectives.OBJECTIVES`;
                      kl_temperature, transfer_scale
+  loss_chunk         > 0: the LM head and the ce / kl / z_loss terms over that many positions
+                     at a time (rematerialised), never the whole [B, T, vocab] logits; 0: off
   seq_len, batch_size (global, per optimizer step), grad_accum (micro-batches per step)
   optim              lr, b1, b2, eps, weight_decay, schedule ("constant" | "cosine" |
                      "plateau"), warmup_steps, min_lr_ratio, clip_norm (0: off),
@@ -130,6 +132,7 @@ def stage(**overrides) -> ConfigDict:
   s.objective = ConfigDict({"ce": 1.0})
   s.kl_temperature = 1.0
   s.transfer_scale = 1.0
+  s.loss_chunk = 0
   s.seq_len = 512
   s.batch_size = 8
   s.grad_accum = 1
@@ -312,6 +315,9 @@ def _check_stage(name, s, mesh_shape):
     raise ConfigError(f"config field {f('objective')!r}: {e}") from None
   if float(s.kl_temperature) <= 0:
     raise ConfigError(f"config field {f('kl_temperature')!r} must be > 0, got {s.kl_temperature}")
+  if int(s.loss_chunk) < 0:
+    raise ConfigError(f"config field {f('loss_chunk')!r} must be >= 0 (0: off), got "
+                      f"{s.loss_chunk}")
   for k in ("seq_len", "batch_size", "eval_rows", "log_every"):
     if int(s[k]) < 1:
       raise ConfigError(f"config field {f(k)!r} must be >= 1, got {s[k]}")

@@ -351,7 +351,8 @@ class Stage:
     self.dir = os.path.join(run.workdir, "stages", f"{index}_{name}")
     self.objective = obj_lib.make_objective(dict(scfg.objective),
                                             kl_temperature=float(scfg.kl_temperature),
-                                            transfer_scale=float(scfg.transfer_scale))
+                                            transfer_scale=float(scfg.transfer_scale),
+                                            loss_chunk=int(scfg.loss_chunk))
     self.parts = trainable_parts(scfg.trainable)
 
   @property
