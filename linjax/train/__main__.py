@@ -50,11 +50,12 @@ def usage(prog: str = "python -m linjax.train") -> str:
   """--help of `python -m linjax.train`, `linjax train` and `linjax linearize`."""
   import glob
   import os
+  import pathlib
   from linjax.train.config import base_config, stage
   c = base_config()
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   exps = sorted(os.path.relpath(f, root) for f in glob.glob(os.path.join(root, "experiments", "*.py"))
-                if "def get_config" in open(f, encoding="utf-8").read())
+                if "def get_config" in pathlib.Path(f).read_text(encoding="utf-8"))
 
   def names(d):
     return ", ".join(f"{k}.*" if hasattr(d[k], "keys") else k for k in sorted(d.keys()))

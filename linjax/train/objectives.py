@@ -56,6 +56,19 @@ def token_kl(teacher_logits, student_logits, temperature=1.0):
   return (jnp.exp(t) * (t - s)).sum(-1) * temperature ** 2
 
 
+def _term_sums(logits, t_logits, targets, mask, terms, temperature):
+  """Sums over the unmasked positions of the logit terms in `terms` (ce, kl, z_loss) of
+  student `logits` (and teacher `t_logits` for kl), any [..., vocab] shape. {term: sum}."""
+  out = {}
+  if "ce" in terms:
+    out["ce"] = masked_token_ce(logits, targets, mask)[0]
+  if "kl" in terms:
+    out["kl"] = (token_kl(t_logits, logits, temperature) * mask).sum()
+  if "z_loss" in terms:
+    out["z_loss"] = (jax.nn.logsumexp(logits, -1) ** 2 * mask).sum()
+  return out
+
+
 def _logit_sums(student, teacher, batch, terms, temperature, chunk):
   """Sums over unmasked tokens of the logit terms (ce, kl, z_loss) with the LM head applied to
   `chunk` positions at a time. Returns {term: sum}."""
@@ -82,16 +95,9 @@ def _logit_sums(student, teacher, batch, terms, temperature, chunk):
 
   @jax.checkpoint
   def one(c):
-    logits = student.head(c["h"])
-    out = {}
-    if "ce" in terms:
-      out["ce"] = masked_token_ce(logits, c["targets"], c["mask"])[0]
-    if "kl" in terms:
-      t_logits = jax.lax.stop_gradient(teacher.head(c["ht"]))
-      out["kl"] = (token_kl(t_logits, logits, temperature) * c["mask"]).sum()
-    if "z_loss" in terms:
-      out["z_loss"] = (jax.nn.logsumexp(logits, -1) ** 2 * c["mask"]).sum()
-    return out
+    t_logits = jax.lax.stop_gradient(teacher.head(c["ht"])) if "kl" in terms else None
+    return _term_sums(student.head(c["h"]), t_logits, c["targets"], c["mask"], terms,
+                      temperature)
 
   def body(acc, c):
     return jax.tree.map(jnp.add, acc, one(c)), None
@@ -132,23 +138,13 @@ def make_objective(weights: dict, *, kl_temperature: float = 1.0, transfer_scale
     if logit_terms and 0 < loss_chunk < batch["input_ids"].shape[1]:
       sums = _logit_sums(student, teacher if "kl" in w else None, batch, logit_terms,
                          kl_temperature, loss_chunk)
-      for k in logit_terms:
-        metrics[k] = sums[k] / n
-        total += w[k] * metrics[k]
     elif logit_terms:
-      logits = model_logits(student, batch)
-      if "ce" in w:
-        nll, _ = masked_token_ce(logits, batch["targets"], mask)
-        metrics["ce"] = nll / n
-        total += w["ce"] * metrics["ce"]
-      if "kl" in w:
-        t_logits = jax.lax.stop_gradient(model_logits(teacher, batch))
-        metrics["kl"] = (token_kl(t_logits, logits, kl_temperature) * mask).sum() / n
-        total += w["kl"] * metrics["kl"]
-      if "z_loss" in w:
-        logz = jax.nn.logsumexp(logits, -1)
-        metrics["z_loss"] = (logz ** 2 * mask).sum() / n
-        total += w["z_loss"] * metrics["z_loss"]
+      t_logits = (jax.lax.stop_gradient(model_logits(teacher, batch)) if "kl" in w else None)
+      sums = _term_sums(model_logits(student, batch), t_logits, batch["targets"], mask,
+                        logit_terms, kl_temperature)
+    for k in logit_terms:
+      metrics[k] = sums[k] / n
+      total += w[k] * metrics[k]
     for k in TRANSFER:
       if k in w:
         per_layer = attention_transfer(distilled, batch)
