@@ -20,7 +20,7 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
-# Main job: linearize the embedded SmolLM2-135M on the embedded corpus (2 CPU cores: ~23 min), as a
+# Main job: linearize the embedded SmolLM2-135M on the embedded corpus (2 CPU cores: ~22 min), as a
 # config of the one training loop (resumes if killed; results in workdir/demo).
 demo: $(STAMP)
 	$(BIN)/python -m linjax.train --config experiments/lolcats_smollm2.py:demo --workdir workdir/demo

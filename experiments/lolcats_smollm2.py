@@ -14,8 +14,9 @@ Arg = <recipe>_<budget> (or "demo" = linjax_15m with the demo's end-of-run evalu
   recipe "linjax": the same hybrid with linjax's options, each measured in
     experiments/results/linearization.md: 4 attention sinks in the window; the hybrid
     initialised to equal sliding window 64 + 4 sinks at step 0 (a learned per-head linear
-    factor starting at 0); the KEEP_SOFTMAX layers that the window loses most in at
-    initialisation stay softmax attention (their KV cache grows; the others' is constant);
+    factor starting at 0); the KEEP_SOFTMAX layers whose restoring alone wins back the most
+    output KL to the teacher at initialisation (`keep_softmax.criterion = "kl"`, on 2,048
+    training tokens) stay softmax attention (their KV cache grows; the others' is constant);
     stage 1 also fits LoRA r 8 adapters on q / k / v to the per-layer outputs (teacher-forced:
     each layer's loss reaches only its own adapters, no backward through the model; merged
     before stage 2), at lr 3e-3 for adapters and feature maps alike; stage 2 distils the
@@ -23,13 +24,19 @@ Arg = <recipe>_<budget> (or "demo" = linjax_15m with the demo's end-of-run evalu
     batches with a higher rate, as a CPU budget wants.
   budget "15m" / "60m": the stage time budgets of a 15- / 60-minute run on 2 CPU cores (load,
     compilation and the end evaluation come on top); "gpu": one GPU, minutes.
+
+Sweeps over the same rows (recipes, learning rates, seeds of the student) can compute the
+teacher's stage-2 output once: `--config.stages.finetune.kl_top_k=64
+--config.teacher_cache=DIR` distils its cached top-64 tokens + one rest bucket (linjax recipe;
+`linjax.train.teacher_cache`), and the train step then runs no teacher.
 """
 from ml_collections import ConfigDict
 
 from linjax.train.config import base_config, stage, stages
 
-# linjax recipe: layers kept as softmax attention (the ones the window loses most in at
-# initialisation, `linjax.linearize.select`; measured in experiments/results/linearization.md)
+# linjax recipe: layers kept as softmax attention (the ones whose restoring wins back the most
+# output KL at initialisation, `linjax.linearize.select`; measured in
+# experiments/results/linearization.md)
 KEEP_SOFTMAX = 6
 BUDGETS = {"15m": (240, 360), "60m": (900, 2400), "gpu": (60, 300), "smoke": (0, 0)}
 
@@ -53,6 +60,8 @@ def get_config(arg: str = "linjax_15m"):
     c.linearize.num_sinks = 4
     c.linearize.init_linear_factor = 0.0
     c.keep_softmax.layers = KEEP_SOFTMAX
+    c.keep_softmax.criterion = "kl"
+    c.keep_softmax.tokens = 2048
   transfer = stage(
       steps=100000, time_budget_s=t1, trainable="feature_maps",
       objective={"attention_mse": 1.0}, transfer_scale=1000.0, seq_len=1024 if gpu else 512,

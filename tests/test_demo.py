@@ -24,10 +24,12 @@ def test_demo_config_on_smollm2(tmp_path):
     s.steps, s.time_budget_s, s.seq_len, s.batch_size, s.grad_accum = 2, 0.0, 64, 1, 1
     s.eval_every, s.ckpt_every = 0, 0
   c.eval.suite, c.eval.max_new_tokens, c.progress = "tiny", 4, False
+  c.keep_softmax.tokens = 512               # one row for the layer choice (the demo: 4)
   summary = train(c, str(tmp_path))
   ev = summary["evaluation"]
-  kept = json.load(open(tmp_path / "keep_softmax.json"))["kept"]
-  assert len(kept) == c.keep_softmax.layers
+  choice = json.load(open(tmp_path / "keep_softmax.json"))
+  kept = choice["kept"]
+  assert len(kept) == c.keep_softmax.layers and choice["criterion"] == "kl"
   assert set(ev) == {"teacher", "student", "sliding window 64 + 4 sinks",
                      "sliding window 128 + 4 sinks",
                      f"sliding window 64 + 4 sinks, softmax in layers {kept}"}

@@ -169,6 +169,8 @@ def test_recipe_summary_merges_evaluations_with_the_same_teacher(tmp_path):
   for name, ev in (("a", {"teacher": teacher, "x_step0": row}),
                    ("b", {"teacher": dict(teacher), "sliding window": dict(row, kl=0.3)}),
                    ("c", {"teacher": dict(teacher, perplexity=10.5)}),
+                   ("e", {"teacher": dict(teacher, perplexity=10.0 * (1 + 1e-8)),
+                          "other run": dict(row)}),
                    ("d", {"x_step0": row})):
     (tmp_path / f"{name}.json").write_text(json.dumps(ev))
   out = str(tmp_path / "m")
@@ -178,10 +180,36 @@ def test_recipe_summary_merges_evaluations_with_the_same_teacher(tmp_path):
   assert names == ["teacher", "sliding window", "x_step0"]
   assert "| x_step0 | 0 | 0.2 min | 40.00 | 4.000 |" in text
   assert (tmp_path / "m.png").exists()
+  # the 8th digit of the teacher's perplexity (float reassociation) does not matter
+  summary.main(["--eval", str(tmp_path / "a.json"), str(tmp_path / "e.json"), "--out", out])
   with pytest.raises(ValueError, match="score the teacher differently"):
     summary.main(["--eval", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", out])
   with pytest.raises(ValueError, match="'x_step0' is in"):
     summary.main(["--eval", str(tmp_path / "a.json"), str(tmp_path / "d.json"), "--out", out])
+
+
+def test_recipe_summary_of_several_trainer_evaluations(tmp_path):
+  """Two runs' own end-of-run evaluation.json (each names its model "student") merge under
+  their workdirs' names, the teacher rows checked equal."""
+  import json
+
+  from linjax.linearize import summary
+  teacher = {"perplexity": 10.0, "ppl_tokens": 100, "passkey": {"128": 1.0}}
+  runs = []
+  for name, top1 in (("run_60m", 0.9), ("run_15m", 0.8)):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"stages": [{"stage": "s", "tokens": 100}],
+                                                "wall_s": 60.0}))
+    (d / "evaluation.json").write_text(json.dumps(
+        {"teacher": teacher, "student": {"perplexity": 12.0, "ppl_ratio": 1.2,
+                                         "top1_agreement": top1, "kl": 0.1}}))
+    runs.append(str(d))
+  text = summary.main(["--eval", *(r + "/evaluation.json" for r in runs), "--runs", *runs,
+                       "--out", str(tmp_path / "m")])
+  assert "| run_60m | 100 | 1.0 min | 12.00 | 1.200 | 0.900 |" in text
+  assert "| run_15m | 100 | 1.0 min | 12.00 | 1.200 | 0.800 |" in text
+  assert "student" not in text
 
 
 def test_linearize_names_bad_layers_and_kwargs():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from linjax.linearize import linearize
-from linjax.linearize.select import step0_transfer_losses, worst_layers
+from linjax.linearize.select import restore_one_gains, step0_transfer_losses, worst_layers
 from tests.test_linearize import tiny_llama, tokens
 
 
@@ -50,6 +50,27 @@ def test_step0_losses_are_the_window_error_by_hand():
   assert np.abs(none).max() < 1e-10
 
 
+def test_restore_one_gains_equal_whole_models_with_one_layer_restored():
+  """Each layer's KL gain = KL(teacher || all linearized) - KL(teacher || all but that layer),
+  both from whole-model forwards of models built by `linearize` (the incremental residual
+  stream checked against them); layers outside the candidates gain 0."""
+  from linjax.train.objectives import token_kl
+  teacher = tiny_llama(layers=3)
+  x = tokens(B=3, T=40)
+  kw = dict(window=8, num_sinks=2, init_linear_factor=0.0)
+  got = restore_one_gains(teacher, x, "lolcats", batch_size=2, **kw)
+  zt = teacher(x)[0]
+  kl = lambda layers: float(token_kl(zt, linearize(teacher, "lolcats", layers, **kw)(x)[0]).mean())
+  base = kl(None)
+  want = [base - kl([j for j in range(3) if j != i]) for i in range(3)]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+  assert base > 1e-4 and np.abs(want).max() > 1e-5     # the windows do change the output
+  sub = restore_one_gains(teacher, x, "lolcats", layers=[0, 2], **kw)
+  assert sub[1] == 0.0
+  np.testing.assert_allclose(sub[[0, 2]], [kl([0, 2]) - kl([2]), kl([0, 2]) - kl([0])],
+                             rtol=1e-4, atol=1e-7)
+
+
 def test_worst_layers_order_ties_and_range():
   assert worst_layers([0.1, 0.5, 0.2, 0.5], 3) == [1, 3, 2]
   assert worst_layers([0.1, 0.2], 0) == []
@@ -57,21 +78,24 @@ def test_worst_layers_order_ties_and_range():
     worst_layers([0.1, 0.2], 3)
 
 
-def test_trainer_keeps_the_worst_layers_and_the_kept_baseline(tmp_path):
-  """keep_softmax through the training loop: the saved choice is the largest step-0 errors,
-  the student keeps those layers softmax, the ':kept' baseline keeps the same ones."""
+@pytest.mark.parametrize("criterion", ["transfer", "kl"])
+def test_trainer_keeps_the_worst_layers_and_the_kept_baseline(tmp_path, criterion):
+  """keep_softmax through the training loop: the saved choice is the largest step-0 errors
+  (or KL gains), the student keeps those layers softmax, the ':kept' baseline keeps the same
+  ones."""
   from linjax.eval.suite import baseline_models
   from linjax.train import base_config, stage, stages, train
   c = base_config()
   c.model.tiny = dict(c.model.tiny.to_dict(), num_hidden_layers=3)
   c.data.embedded_split, c.data.max_rows = "pydoc", 8
   c.linearize = {"mixer": "lolcats", "window": 8, "num_sinks": 2, "init_linear_factor": 0.0}
-  c.keep_softmax = {"layers": 1, "tokens": 128, "seq_len": 64}
+  c.keep_softmax = {"layers": 1, "tokens": 128, "seq_len": 64, "criterion": criterion}
   c.stages = stages(transfer=stage(steps=1, seq_len=64, batch_size=2,
                                    trainable="feature_maps", objective={"attention_mse": 1.0}))
   c.progress = False
   out = train(c, str(tmp_path))
   saved = json.load(open(tmp_path / "keep_softmax.json"))
+  assert saved["criterion"] == criterion
   losses = np.array([saved["losses"][str(i)] for i in range(3)])
   assert saved["kept"] == [int(np.argmax(losses))]
   mixers = out["model"].config.mixers

@@ -389,7 +389,7 @@ class Checkpointer:
 RESUME_IGNORED = (
     "log_every", "eval_every", "progress", "ckpt.every", "ckpt.keep", "ckpt.async_save",
     "ckpt.export", "mesh", "model.method", "model.attention_method", "data.eval_rows",
-    "data.eval_path", "data.num_proc", "eval", "debug_*", "allow_config_change",
+    "data.eval_path", "data.num_proc", "eval", "debug_*", "allow_config_change", "teacher_cache",
     "stages.*.log_every", "stages.*.eval_every", "stages.*.ckpt_every", "stages.*.ckpt.every")
 
 

@@ -34,12 +34,17 @@ Run fields (defaults in `base_config`):
                      teacher's attention-output statistics on that many training tokens
                      (`linjax.linearize.calibrate`; SUPRA with norm_affine=True)
   keep_softmax       layers > 0: that many layers stay softmax attention, the ones whose
-                     linearize mixer at initialisation has the largest relative transfer
-                     error on `tokens` training tokens in rows of `seq_len`
-                     (`linjax.linearize.select`); the choice is saved in
+                     linearize mixer at initialisation loses most on `tokens` training
+                     tokens in rows of `seq_len`, by `criterion`: "transfer" (the layer's
+                     own relative transfer error) | "kl" (the output KL to the teacher won
+                     back by restoring that layer alone) (`linjax.linearize.select`); the
+                     choice is saved in
                      `workdir/keep_softmax.json`. Their KV cache grows with the context.
   teacher            "auto": the loaded model before `linearize` (frozen), kept when an
                      objective needs one (kl, hidden_mse) | a model path | None
+  teacher_cache      the folder of the teacher's cached top-k log-probabilities (stages with
+                     kl_top_k > 0; "" = `workdir/teacher_topk`); share one between runs to
+                     compute each row's teacher output once
   data               path (None = the embedded corpus), eval_path, eval_fraction,
                      text_field, tokenizer ("auto": byte for tiny models, else the model's),
                      shuffle, max_rows, num_proc, embedded_split, teacher_text (tokens > 0:
@@ -65,6 +70,9 @@ Stage fields (`stage()`; one ConfigDict per stage in `config.stages`, run in ord
                      when `trainable` has "lora"; merged at its end when merge_after)
   objective          {term: weight} over `linjax.train.objectives.OBJECTIVES`;
                      kl_temperature, transfer_scale
+  kl_top_k           > 0: kl distils the teacher's top-k tokens + one "rest" bucket, read
+                     from the cache in `teacher_cache` (computed once per row), and the train
+                     step runs no teacher; 0: the whole distribution, teacher on the fly
   loss_chunk         > 0: the LM head and the ce / kl / z_loss terms over that many positions
                      at a time (rematerialised), never the whole [B, T, vocab] logits; 0: off
   seq_len, batch_size (global, per optimizer step), grad_accum (micro-batches per step)
@@ -131,6 +139,7 @@ def stage(**overrides) -> ConfigDict:
                            targets=("q_proj", "k_proj", "v_proj", "o_proj"), merge_after=True))
   s.objective = ConfigDict({"ce": 1.0})
   s.kl_temperature = 1.0
+  s.kl_top_k = 0
   s.transfer_scale = 1.0
   s.loss_chunk = 0
   s.seq_len = 512
@@ -181,8 +190,9 @@ def base_config() -> ConfigDict:
   c.init_from = config_dict.placeholder(str)
   c.linearize = None
   c.calibrate = ConfigDict(dict(tokens=0))
-  c.keep_softmax = ConfigDict(dict(layers=0, tokens=4096, seq_len=512))
+  c.keep_softmax = ConfigDict(dict(layers=0, tokens=4096, seq_len=512, criterion="transfer"))
   c.teacher = "auto"
+  c.teacher_cache = ""
 
   c.data = ConfigDict()
   c.data.path = config_dict.placeholder(str)
@@ -315,6 +325,11 @@ def _check_stage(name, s, mesh_shape):
     raise ConfigError(f"config field {f('objective')!r}: {e}") from None
   if float(s.kl_temperature) <= 0:
     raise ConfigError(f"config field {f('kl_temperature')!r} must be > 0, got {s.kl_temperature}")
+  if int(s.kl_top_k) < 0:
+    raise ConfigError(f"config field {f('kl_top_k')!r} must be >= 0 (0: off), got {s.kl_top_k}")
+  if int(s.kl_top_k) > 0 and not float(s.objective.get("kl", 0.0)):
+    raise ConfigError(f"config field {f('kl_top_k')!r} > 0 caches the teacher for the kl "
+                      f"objective, but the stage's objective {dict(s.objective)} has no kl term")
   if int(s.loss_chunk) < 0:
     raise ConfigError(f"config field {f('loss_chunk')!r} must be >= 0 (0: off), got "
                       f"{s.loss_chunk}")
@@ -385,6 +400,9 @@ def resolve(config) -> ConfigDict:
   if int(ks.layers) < 0 or int(ks.tokens) <= 0 or int(ks.seq_len) <= 0:
     raise ConfigError(f"config field 'keep_softmax': layers must be >= 0 and tokens, seq_len "
                       f"> 0, got {ks.to_dict()}")
+  if ks.criterion not in ("transfer", "kl"):
+    raise ConfigError(f"config field 'keep_softmax.criterion': {ks.criterion!r} is not one of "
+                      "('transfer', 'kl')")
   if int(ks.layers) > 0 and c.linearize is None:
     raise ConfigError("config field 'keep_softmax.layers' > 0 needs 'linearize' (the layers "
                       "kept are the ones it would replace worst)")

@@ -3,7 +3,9 @@
   ce              next-token cross-entropy over the unmasked tokens
   kl              KL(teacher || student) of the next-token distributions at temperature
                   `kl_temperature` (times temperature^2, Hinton et al.), per unmasked token;
-                  the teacher runs on the fly (frozen, no gradient)
+                  the teacher runs on the fly (frozen, no gradient), or, with the stage's
+                  `kl_top_k` > 0, its top-k log-probabilities come in the batch from a cache
+                  on disk (`linjax.train.teacher_cache`: the top-k + "rest" bucket KL)
   z_loss          mean squared log-partition log Z of the student's logits (PaLM / SUPRA)
   attention_mse   per-layer mixer-output MSE, teacher-forced (LoLCATs stage 1)
   attention_xent  per-layer attention-weight cross-entropy, teacher-forced (Hedgehog)
@@ -28,6 +30,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from linjax.train.teacher_cache import KEYS as TOPK_KEYS
+from linjax.train.teacher_cache import topk_kl
 
 OBJECTIVES = ("ce", "kl", "z_loss", "attention_mse", "attention_xent", "hidden_mse")
 TRANSFER = {"attention_mse": "mse", "attention_xent": "xent"}
@@ -58,12 +63,15 @@ def token_kl(teacher_logits, student_logits, temperature=1.0):
 
 def _term_sums(logits, t_logits, targets, mask, terms, temperature):
   """Sums over the unmasked positions of the logit terms in `terms` (ce, kl, z_loss) of
-  student `logits` (and teacher `t_logits` for kl), any [..., vocab] shape. {term: sum}."""
+  student `logits` (and, for kl, the teacher's logits `t_logits` or a dict of its cached
+  top-k arrays, `teacher_cache.KEYS`), any [..., vocab] shape. {term: sum}."""
   out = {}
   if "ce" in terms:
     out["ce"] = masked_token_ce(logits, targets, mask)[0]
   if "kl" in terms:
-    out["kl"] = (token_kl(t_logits, logits, temperature) * mask).sum()
+    kl = (topk_kl(t_logits, logits, temperature) if isinstance(t_logits, dict)
+          else token_kl(t_logits, logits, temperature))
+    out["kl"] = (kl * mask).sum()
   if "z_loss" in terms:
     out["z_loss"] = (jax.nn.logsumexp(logits, -1) ** 2 * mask).sum()
   return out
@@ -71,15 +79,17 @@ def _term_sums(logits, t_logits, targets, mask, terms, temperature):
 
 def _logit_sums(student, teacher, batch, terms, temperature, chunk):
   """Sums over unmasked tokens of the logit terms (ce, kl, z_loss) with the LM head applied to
-  `chunk` positions at a time. Returns {term: sum}."""
+  `chunk` positions at a time (the teacher: a model, or None when kl reads the cached top-k
+  arrays of `batch`). Returns {term: sum}."""
   for name, m in (("student", student), ("teacher", teacher)):
     if m is not None and not (hasattr(m, "final_hidden") and hasattr(m, "head")):
       raise ValueError(f"loss_chunk > 0 needs a model with final_hidden() and head() (linjax "
                        f"Llama); the {name} is a {type(m).__name__}")
   kw = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
   h = student.final_hidden(batch["input_ids"], **kw)
+  cached = "kl" in terms and teacher is None
   ht = (jax.lax.stop_gradient(teacher.final_hidden(batch["input_ids"], **kw))
-        if "kl" in terms else None)
+        if "kl" in terms and not cached else None)
   B, T, _ = h.shape
   n = -(-T // chunk)
   pad = n * chunk - T
@@ -92,10 +102,13 @@ def _logit_sums(student, teacher, batch, terms, temperature, chunk):
         "mask": split(batch["loss_mask"].astype(jnp.float32))}
   if ht is not None:
     xs["ht"] = split(ht)
+  if cached:
+    xs["topk"] = {k: split(batch[k]) for k in TOPK_KEYS}
 
   @jax.checkpoint
   def one(c):
-    t_logits = jax.lax.stop_gradient(teacher.head(c["ht"])) if "kl" in terms else None
+    t_logits = (c["topk"] if cached else jax.lax.stop_gradient(teacher.head(c["ht"]))
+                if "kl" in terms else None)
     return _term_sums(student.head(c["h"]), t_logits, c["targets"], c["mask"], terms,
                       temperature)
 
@@ -135,11 +148,16 @@ def make_objective(weights: dict, *, kl_temperature: float = 1.0, transfer_scale
     metrics = {"tokens": mask.sum()}
     total = jnp.zeros((), jnp.float32)
     logit_terms = [k for k in ("ce", "kl", "z_loss") if k in w]
+    cached = "kl" in w and TOPK_KEYS[0] in batch
+    if "kl" in w and not cached and teacher is None:
+      raise ValueError("the kl objective needs a teacher, or the teacher's cached top-k "
+                       f"arrays {TOPK_KEYS} in the batch (stage field kl_top_k)")
     if logit_terms and 0 < loss_chunk < batch["input_ids"].shape[1]:
-      sums = _logit_sums(student, teacher if "kl" in w else None, batch, logit_terms,
-                         kl_temperature, loss_chunk)
+      sums = _logit_sums(student, teacher if "kl" in w and not cached else None, batch,
+                         logit_terms, kl_temperature, loss_chunk)
     elif logit_terms:
-      t_logits = (jax.lax.stop_gradient(model_logits(teacher, batch)) if "kl" in w else None)
+      t_logits = ({k: batch[k] for k in TOPK_KEYS} if cached else
+                  jax.lax.stop_gradient(model_logits(teacher, batch)) if "kl" in w else None)
       sums = _term_sums(model_logits(student, batch), t_logits, batch["targets"], mask,
                         logit_terms, kl_temperature)
     for k in logit_terms:

@@ -121,11 +121,13 @@ def _reshard(model, mesh):
 
 
 def kept_softmax_layers(cfg, model, kw, train_tokens, workdir=None):
-  """The layers `keep_softmax` keeps as softmax: the `keep_softmax.layers` with the largest
-  step-0 transfer error of the linearize mixer (`linjax.linearize.select`). The choice is
-  saved in `workdir/keep_softmax.json` and read back on resume."""
+  """The layers `keep_softmax` keeps as softmax: the `keep_softmax.layers` the linearize mixer
+  at initialisation replaces worst by `keep_softmax.criterion` ("transfer": the largest
+  relative transfer error; "kl": the largest KL gain when restored alone;
+  `linjax.linearize.select`). The choice is saved in `workdir/keep_softmax.json` and read
+  back on resume."""
   from linjax.linearize import layer_ids
-  from linjax.linearize.select import step0_transfer_losses, worst_layers
+  from linjax.linearize.select import restore_one_gains, step0_transfer_losses, worst_layers
   ks = cfg.keep_softmax
   path = workdir and os.path.join(workdir, "keep_softmax.json")
   if path and os.path.exists(path):
@@ -139,12 +141,12 @@ def kept_softmax_layers(cfg, model, kw, train_tokens, workdir=None):
                       "nothing is left to linearize")
   rest = {k: v for k, v in kw.items() if k not in ("mixer", "layers")}
   tokens = train_tokens(int(ks.seq_len))[: max(int(ks.tokens) // int(ks.seq_len), 1)]
-  losses = step0_transfer_losses(model, tokens, kw.get("mixer", "lolcats"), layers=candidates,
-                                 **rest)
+  measure = restore_one_gains if ks.criterion == "kl" else step0_transfer_losses
+  losses = measure(model, tokens, kw.get("mixer", "lolcats"), layers=candidates, **rest)
   sub = [float(losses[i]) for i in candidates]
   kept = sorted(candidates[j] for j in worst_layers(sub, int(ks.layers)))
-  out = {"kept": kept, "losses": {int(i): float(losses[i]) for i in candidates},
-         "tokens": int(tokens.size)}
+  out = {"kept": kept, "criterion": ks.criterion,
+         "losses": {int(i): float(losses[i]) for i in candidates}, "tokens": int(tokens.size)}
   if path and jax.process_index() == 0:
     with open(path + ".tmp", "w") as f:
       json.dump(out, f, indent=1)
@@ -423,14 +425,24 @@ class Stage:
     if self.objective.distill_kind:
       # the same weights, split by the same filters, merge into the distill-mode structure
       distill_gdef = nnx.graphdef(set_distill(nnx.clone(model), self.objective.distill_kind))
-    teacher_gdef = teacher_state = teacher_sh = None
-    if self.objective.needs_teacher:
-      teacher_gdef, teacher_state = nnx.split(teacher)
-      teacher_sh = param_shardings(teacher_state, run.mesh)
-    seq, gb = int(s.seq_len), int(s.batch_size)
+    seq, gb, top_k = int(s.seq_len), int(s.batch_size), int(s.kl_top_k)
     bsh = batch_sharding(run.mesh, 2, (gb, seq))
     batch_sh = {k: bsh for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
-    to_global = lambda b: run.to_global(b)
+    cache = None
+    if top_k:   # the teacher's top-k from the cache: the train step runs no teacher for kl
+      from linjax.train.teacher_cache import KEYS, TeacherTopK
+      if teacher is None:
+        raise ConfigError(f"config field 'stages.{self.name}.kl_top_k' > 0 needs a teacher "
+                          "(config field 'teacher')")
+      cache = TeacherTopK(run.cfg.teacher_cache or os.path.join(run.workdir, "teacher_topk"),
+                          teacher, top_k, float(s.kl_temperature), int(s.loss_chunk), run.mesh)
+      ksh = batch_sharding(run.mesh, 3, (gb, seq, top_k))
+      batch_sh.update({KEYS[0]: ksh, KEYS[1]: ksh, KEYS[2]: bsh})
+    teacher_gdef = teacher_state = teacher_sh = None
+    if self.objective.needs_teacher and not (cache and "hidden_mse" not in self.objective.weights):
+      teacher_gdef, teacher_state = nnx.split(teacher)
+      teacher_sh = param_shardings(teacher_state, run.mesh)
+    to_global = lambda b: run.to_global(cache.attach(b) if cache else b)
     train_rows = run.data.rows("train", seq)
     val_rows = run.data.rows("eval", seq)
 
@@ -510,9 +522,9 @@ class Stage:
       with use_mesh(run.mesh):
         while step < steps and not (max_tokens and tokens >= max_tokens) and not (
             budget and elapsed >= budget):
+          t0 = time.time()    # the batch counts too: with kl_top_k it may run the teacher
           batch = to_global(next(it))
           lr = optim_lib.learning_rate(s.optim, step, progress_of(step, tokens, elapsed))
-          t0 = time.time()
           if t_first is None:
             writer.message(f"stage {self.name}: compiling the train step "
                            f"({model.config.num_hidden_layers}-layer model, {gb} x {seq} "
@@ -576,7 +588,9 @@ class Stage:
         "train_seconds": elapsed, "final_loss": last_loss,
         "first_loss": history[0] if history else None, "val_loss": last_val, "best": best,
         "trainable": s.trainable, "trainable_params": n_trainable,
-        "objective": dict(s.objective), "resumed_at": start or None}
+        "objective": dict(s.objective), "resumed_at": start or None,
+        "teacher_cache": None if cache is None else {
+            "dir": cache.directory, "k": top_k, "hits": cache.hits, "misses": cache.misses}}
 
 
 # ---------------------------------------------------------------------------------------------
