@@ -77,6 +77,14 @@ def _term_sums(logits, t_logits, targets, mask, terms, temperature):
   return out
 
 
+def split_positions(x, chunk: int):
+  """[B, T, ...] -> [n, B, chunk, ...], n = ceil(T / chunk), zero-padded at the end."""
+  B, T = x.shape[:2]
+  n = -(-T // chunk)
+  x = jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+
 def _logit_sums(student, teacher, batch, terms, temperature, chunk):
   """Sums over unmasked tokens of the logit terms (ce, kl, z_loss) with the LM head applied to
   `chunk` positions at a time (the teacher: a model, or None when kl reads the cached top-k
@@ -90,14 +98,7 @@ def _logit_sums(student, teacher, batch, terms, temperature, chunk):
   cached = "kl" in terms and teacher is None
   ht = (jax.lax.stop_gradient(teacher.final_hidden(batch["input_ids"], **kw))
         if "kl" in terms and not cached else None)
-  B, T, _ = h.shape
-  n = -(-T // chunk)
-  pad = n * chunk - T
-
-  def split(x):   # [B, T, ...] -> [n, B, chunk, ...], zero-padded (masked out)
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
-
+  split = lambda x: split_positions(x, chunk)
   xs = {"h": split(h), "targets": split(batch["targets"]),
         "mask": split(batch["loss_mask"].astype(jnp.float32))}
   if ht is not None:

@@ -41,9 +41,13 @@ def topk_logprobs(logits, k: int, temperature: float = 1.0):
   if k == logp.shape[-1]:
     rest = jnp.full(logp.shape[:-1], -jnp.inf, jnp.float32)
   else:
-    rest = jax.nn.logsumexp(jnp.put_along_axis(logp, ids, -jnp.inf, axis=-1, inplace=False),
-                            axis=-1)
+    rest = _logsumexp_outside(logp, ids)
   return top, ids.astype(jnp.int32), rest
+
+
+def _logsumexp_outside(logp, ids):
+  """log of the probability mass of `logp` [..., V] outside the token ids [..., k]."""
+  return jax.nn.logsumexp(jnp.put_along_axis(logp, ids, -jnp.inf, axis=-1, inplace=False), -1)
 
 
 def topk_kl(teacher: dict, student_logits, temperature: float = 1.0):
@@ -53,9 +57,8 @@ def topk_kl(teacher: dict, student_logits, temperature: float = 1.0):
   t, ids = teacher["teacher_logp"], teacher["teacher_idx"]
   kl = (jnp.exp(t) * (t - jnp.take_along_axis(s, ids, axis=-1))).sum(-1)
   if ids.shape[-1] < s.shape[-1]:   # the "everything else" bucket (empty at k = vocab)
-    s_rest = jax.nn.logsumexp(jnp.put_along_axis(s, ids, -jnp.inf, axis=-1, inplace=False), -1)
     rest = teacher["teacher_rest"]
-    kl = kl + jnp.exp(rest) * (rest - s_rest)
+    kl = kl + jnp.exp(rest) * (rest - _logsumexp_outside(s, ids))
   return kl * temperature ** 2
 
 
@@ -99,12 +102,10 @@ class TeacherTopK:
       kw = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
       T = batch["input_ids"].shape[1]
       if 0 < chunk < T:   # the LM head a chunk of positions at a time (no [B, T, vocab])
-        h = t.final_hidden(batch["input_ids"], **kw)
-        n = -(-T // chunk)
-        h = jnp.pad(h, [(0, 0), (0, n * chunk - T), (0, 0)])
-        hs = jnp.moveaxis(h.reshape(h.shape[0], n, chunk, h.shape[-1]), 1, 0)
+        from linjax.train.objectives import split_positions
+        hs = split_positions(t.final_hidden(batch["input_ids"], **kw), chunk)
         outs = jax.lax.map(lambda x: topk_logprobs(t.head(x), self.k, self.temperature), hs)
-        return tuple(jnp.moveaxis(o, 0, 1).reshape(o.shape[1], n * chunk, *o.shape[3:])[:, :T]
+        return tuple(jnp.moveaxis(o, 0, 1).reshape(o.shape[1], -1, *o.shape[3:])[:, :T]
                      for o in outs)
       out = t(batch["input_ids"], **kw)
       logits = out[0] if isinstance(out, tuple) else out
