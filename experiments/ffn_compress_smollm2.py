@@ -20,6 +20,10 @@ Args: "cpu" (= "cpu_r4") or "cpu_<variant>" with <variant> one of
                  (`allocate="error"`)
   r2low10        rank 1/2 in the 10 layers whose FFNs it reconstructs best (the others dense)
   block4         BlockShuffle with 4 blocks (the parameters of r4)
+  r2a / r4a / r8a
+                 r2 / r4 / r8 with activation-aware truncation: each W_r minimises
+                 the error of the projection's outputs on 16,384 training-split tokens
+                 (`compress_ffn(calibration=...)`) instead of ||W - W_r||
 With --student DIR (a trainer workdir or model folder of a linearized student), each variant
 compresses that student's FFNs instead of the teacher's and is distilled from the same dense
 teacher: attention linearized and FFN compressed in one model.
@@ -42,7 +46,12 @@ VARIANTS = {
     "r4err": dict(rank_fraction=1 / 4, allocate="error"),
     "r2low10": dict(rank_fraction=1 / 2, lowest_error_layers=10),
     "block4": dict(kind="block", blocks=4),
+    # activation-aware truncation (compress_ffn(calibration=...)): training-split tokens
+    "r2a": dict(rank_fraction=1 / 2, calibrate=True),
+    "r4a": dict(rank_fraction=1 / 4, calibrate=True),
+    "r8a": dict(rank_fraction=1 / 8, calibrate=True),
 }
+CALIBRATION_TOKENS, CALIBRATION_SEQ = 16384, 512
 DECODE_CONTEXT = 8192
 TIME_BUDGET_S = 240.0
 EVAL_TOKENS, EVAL_SEQ = 4096, 512
@@ -83,6 +92,11 @@ def prepare(variant: str, student: str | None = None) -> tuple[str, dict]:
     from linjax.convert import save_linjax
     base, _ = linjax.from_pretrained(student or teacher_dir(), tokenizer=False)
     spec = dict(VARIANTS[variant])
+    if spec.pop("calibrate", False):   # training-split rows, never the held-out text
+      from linjax.data.streams import token_stream
+      from linjax.data.tokenizers import load_tokenizer
+      spec["calibration"] = token_stream(load_tokenizer("smollm2"), CALIBRATION_TOKENS,
+                                         split="train").reshape(-1, CALIBRATION_SEQ)
     keep = spec.pop("lowest_error_layers", None)
     if keep is not None:   # score every layer at this rank, compress the `keep` best ones
       _, full = linjax.compress_ffn(base, **spec)
@@ -179,6 +193,7 @@ def main(argv=None):
     small, _ = linjax.from_pretrained(path, tokenizer=False)
     row = {"variant": v, "compress": VARIANTS[v], "params": param_count(small),
            "ffn_params": ffn_params(small), "mean_rel_error": report["mean_rel_error"],
+           "error_measure": report.get("error", "weights"),
            "rel_error": {str(r["layer"]): r["rel_error"] for r in report["layers"]},
            "ranks": {str(r["layer"]): r.get("rank", r.get("blocks")) for r in report["layers"]},
            **decode_memory(small)}
@@ -209,7 +224,10 @@ def main(argv=None):
 
 NAMES = {"r2": "lowrank 1/2 (r 288)", "r4": "lowrank 1/4 (r 144)", "r8": "lowrank 1/8 (r 72)",
          "r4err": "lowrank 1/4 budget, ranks by error",
-         "r2low10": "lowrank 1/2 in the 10 best-reconstructed layers", "block4": "block, 4 blocks"}
+         "r2low10": "lowrank 1/2 in the 10 best-reconstructed layers", "block4": "block, 4 blocks",
+         "r2a": "lowrank 1/2 (r 288), activation-aware",
+         "r4a": "lowrank 1/4 (r 144), activation-aware",
+         "r8a": "lowrank 1/8 (r 72), activation-aware"}
 
 
 def _rows(res: dict) -> list:
@@ -241,11 +259,16 @@ def write_report(res: dict, base: str):
       "argmax agreement with the teacher on the same tokens (`top1_agreement`). The chosen "
       "layers' gate / up / down are compressed (`linjax.compress_ffn`); distillation: "
       "KL(teacher || student), all weights, AdamW lr 1e-4, 4 x 256 tokens a step, "
-      f"{TIME_BUDGET_S:.0f} s of training per variant. Parameter counts include the "
+      f"{TIME_BUDGET_S:.0f} s of training per variant. \"activation-aware\" rows truncate each "
+      "projection to minimise the error of its outputs on the activations of "
+      f"{CALIBRATION_TOKENS:,} training-split tokens (`compress_ffn(calibration=...)`, "
+      "SVD-LLM's whitening), the others the weights' Frobenius error; the error column is the "
+      "mean relative error of what each truncation minimises: of the weights (w) or of the "
+      "projections' outputs on the calibration tokens (o). Parameter counts include the "
       f"embeddings (teacher: {t['params']:,} total, {t['ffn_params']:,} in FFNs). Decode "
       f"state: MiB for one sequence at {DECODE_CONTEXT:,} tokens (`linjax.generate."
       "decode_state_mib`), and how much of it grows with the context.\n",
-      "| model | FFN params | total params | decode state @8k (grows) | mean SVD rel. error | "
+      "| model | FFN params | total params | decode state @8k (grows) | mean rel. error | "
       "ppl before | ratio before | top-1 before | distill steps (tokens) | ppl after | "
       "ratio after | top-1 after |",
       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -270,7 +293,7 @@ def write_report(res: dict, base: str):
     lines.append(
         f"| {_name(v)} | {r['ffn_params']:,} ({r['ffn_params'] / t['ffn_params']:.0%}) | "
         f"{r['params']:,} ({r['params'] / t['params']:.0%}) | {mem(r)} | "
-        f"{r['mean_rel_error']:.3f} | "
+        f"{r['mean_rel_error']:.3f} ({'o' if r.get('error_measure') == 'calibration outputs' else 'w'}) | "
         f"{b['ppl']:.2f} | {b['ppl_ratio']:.3f} | {b['top1']:.1%} | {d.get('steps', '-')} "
         f"({d.get('tokens', 0):,}) | {a.get('ppl', float('nan')):.2f} | "
         f"{a.get('ppl_ratio', float('nan')):.3f} | {a.get('top1', float('nan')):.1%} |")
@@ -289,6 +312,16 @@ def write_report(res: dict, base: str):
                  f"{min(min(e.values()) for e in errs.values()):.3f} to "
                  f"{max(max(e.values()) for e in errs.values()):.3f} (worst: layer {worst}); "
                  "all of them are in the .json beside this file.")
+  pairs = [(v, v + "a") for v in ("r2", "r4", "r8") if v in res and v + "a" in res]
+  if pairs:
+    def cmp(v):
+      p, a = res[v], res[v + "a"]
+      return (f"{NAMES[v].split(' (')[0][len('lowrank '):]}: ratio {a['before']['ppl_ratio']:,.2f} "
+              f"vs {p['before']['ppl_ratio']:,.0f} before, {a['after']['ppl_ratio']:.2f} vs "
+              f"{p['after']['ppl_ratio']:.1f} after, top-1 {a['after']['top1']:.1%} vs "
+              f"{p['after']['top1']:.1%}")
+    lines.append("\nActivation-aware vs plain truncation at the same rank (same distillation "
+                 "budget): " + "; ".join(cmp(v) for v, _ in pairs) + ".")
   lines.append(f"\n![ratio and top-1 before / after distillation]({os.path.basename(base)}.png)")
   with open(base + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")

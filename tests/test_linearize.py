@@ -171,7 +171,8 @@ def test_recipe_summary_merges_evaluations_with_the_same_teacher(tmp_path):
                    ("c", {"teacher": dict(teacher, perplexity=10.5)}),
                    ("e", {"teacher": dict(teacher, perplexity=10.0 * (1 + 1e-8)),
                           "other run": dict(row)}),
-                   ("d", {"x_step0": row})):
+                   ("d", {"x_step0": dict(row, perplexity=41.0)}),
+                   ("f", {"teacher": dict(teacher), "x_step0": dict(row)})):
     (tmp_path / f"{name}.json").write_text(json.dumps(ev))
   out = str(tmp_path / "m")
   text = summary.main(["--eval", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
@@ -184,8 +185,12 @@ def test_recipe_summary_merges_evaluations_with_the_same_teacher(tmp_path):
   summary.main(["--eval", str(tmp_path / "a.json"), str(tmp_path / "e.json"), "--out", out])
   with pytest.raises(ValueError, match="score the teacher differently"):
     summary.main(["--eval", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", out])
-  with pytest.raises(ValueError, match="'x_step0' is in"):
+  with pytest.raises(ValueError, match="'x_step0' is in .* with different scores"):
     summary.main(["--eval", str(tmp_path / "a.json"), str(tmp_path / "d.json"), "--out", out])
+  # the same model scored the same in two runs (a baseline both evaluated) joins once
+  text = summary.main(["--eval", str(tmp_path / "a.json"), str(tmp_path / "f.json"),
+                       "--out", out])
+  assert [l.split(" | ")[0][2:] for l in text.splitlines()[2:]] == ["teacher", "x_step0"]
 
 
 def test_recipe_summary_of_several_trainer_evaluations(tmp_path):

@@ -174,6 +174,55 @@ def test_reported_errors_equal_a_recomputation_from_the_weights():
       "layers"][0]["rel_error"]["up_proj"]
 
 
+def _ffn_inputs_by_hand(model, toks):
+  """Per layer (x, silu(gate x) * up x) [positions, width] float64: what each FFN's
+  projections see, by a loop over the decoder layers' own modules."""
+  pos = jnp.broadcast_to(jnp.arange(toks.shape[1], dtype=jnp.int32), toks.shape)
+  x, out = model.embed_tokens(toks), []
+  for layer in model.layers:
+    h = x + layer.self_attn(layer.input_layernorm(x), positions=pos)[0]
+    f = layer.post_attention_layernorm(h)
+    mlp = layer.mlp
+    mid = jax.nn.silu(mlp.gate_proj(f)) * mlp.up_proj(f)
+    out.append(tuple(np.asarray(a, np.float64).reshape(-1, a.shape[-1]) for a in (f, mid)))
+    x = layer(x, positions=pos)[0]
+  return out
+
+
+def test_calibrated_truncation_is_the_best_rank_r_fit_of_the_outputs():
+  """With calibration tokens each projection is the rank-r W_r minimising ||X (W - W_r)||_F
+  for the activations X it sees: checked against R^-1 (R W)_r with X = Q R (numpy QR and SVD
+  in float64), and better on those outputs than the plain truncated SVD."""
+  model = Llama(tiny(), rngs=nnx.Rngs(3))
+  toks = np.random.RandomState(0).randint(0, 64, (4, 32)).astype(np.int32)   # 128 > M rows
+  r = 8
+  small, rep = linjax.compress_ffn(model, rank=r, calibration=toks, damping=0.0)
+  plain, _ = linjax.compress_ffn(model, rank=r)
+  assert rep["error"] == "calibration outputs" and rep["calibration_tokens"] == toks.size
+  for i, (f, mid) in enumerate(_ffn_inputs_by_hand(model, jnp.asarray(toks))):
+    for p in ("gate_proj", "up_proj", "down_proj"):
+      x = mid if p == "down_proj" else f
+      w = np.asarray(getattr(model.layers[i].mlp, p).kernel[...], np.float64)
+      rr = np.linalg.qr(x, mode="r")
+      u, s, vh = np.linalg.svd(rr @ w, full_matrices=False)
+      best = np.linalg.solve(rr, (u[:, :r] * s[:r]) @ vh[:r])
+      out_err = lambda w_r: np.linalg.norm(x @ (w - w_r)) / np.linalg.norm(x @ w)
+      ours = np.asarray(getattr(small.layers[i].mlp, p).to_dense(), np.float64)
+      assert abs(out_err(ours) - out_err(best)) < 1e-4, (i, p, out_err(ours), out_err(best))
+      assert abs(rep["layers"][i]["rel_error"][p] - out_err(ours)) < 1e-4, (i, p)
+      base = np.asarray(getattr(plain.layers[i].mlp, p).to_dense(), np.float64)
+      assert out_err(ours) < out_err(base) - 1e-3, (i, p, out_err(ours), out_err(base))
+
+
+def test_calibrated_compression_at_full_rank_keeps_the_logits():
+  model = Llama(tiny(), rngs=nnx.Rngs(1))
+  toks = np.random.RandomState(1).randint(0, 64, (2, 16)).astype(np.int32)
+  small, rep = linjax.compress_ffn(model, rank_fraction=1.0, calibration=toks)
+  assert max(e for row in rep["layers"] for e in row["rel_error"].values()) < 1e-5
+  assert_rel(model(jnp.asarray(toks))[0], small(jnp.asarray(toks))[0], 1e-4,
+             "calibrated full-rank FFNs vs dense")
+
+
 def test_allocate_by_error_moves_rank_to_the_harder_layer():
   cfg = tiny(hidden_size=32, intermediate_size=48)
   model = Llama(cfg, rngs=nnx.Rngs(0))
@@ -284,6 +333,17 @@ def test_compress_ffn_bad_arguments():
   small, _ = linjax.compress_ffn(model, rank=4)
   with pytest.raises(ValueError, match="already structured"):
     linjax.compress_ffn(small, rank=2)
+  toks = np.zeros((2, 8), np.int32)
+  with pytest.raises(ValueError, match="`calibration`.*kind='lowrank'"):
+    linjax.compress_ffn(model, kind="block", blocks=2, calibration=toks)
+  with pytest.raises(ValueError, match="`calibration` must be integer token ids"):
+    linjax.compress_ffn(model, rank=4, calibration=toks.astype(np.float32))
+  with pytest.raises(ValueError, match="`calibration` must be integer token ids"):
+    linjax.compress_ffn(model, rank=4, calibration=toks[0])
+  with pytest.raises(ValueError, match="outside \\[0, 64\\)"):
+    linjax.compress_ffn(model, rank=4, calibration=toks + 64)
+  with pytest.raises(ValueError, match="second moment is singular"):   # 1 position < width
+    linjax.compress_ffn(model, rank=4, calibration=toks[:1, :1], damping=0.0)
 
 
 def test_lora_on_lowrank_factors_and_refusal_on_blocks():

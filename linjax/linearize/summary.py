@@ -101,32 +101,37 @@ def plot(evaluation: dict, runs: dict, path: str) -> str:
   return path
 
 
+def _same_scores(a: dict, b: dict) -> bool:
+  """Two rows of one model scored on the same tokens: equal up to float reassociation between
+  runs (other batch compositions move the 7th digit)."""
+  close = lambda k: math.isclose(a.get(k) or 0.0, b.get(k) or 0.0, rel_tol=1e-6)
+  return (all(close(k) for k in ("perplexity", "top1_agreement", "kl"))
+          and all(a.get(k) == b.get(k) for k in ("ppl_tokens", "passkey", "mqar")))
+
+
 def merge_evaluations(paths, students=None) -> dict:
   """The models of several `linjax eval` results in one dict. They are comparable only when
   scored on the same held-out tokens against the same teacher, so the teacher's rows must be
-  equal (perplexity to 1e-6 relative); a model name in two files is an error. `students` ({path: name}): a trainer's own
-  evaluation.json names its model "student"; it joins under that name."""
-  merged, teacher_from = {}, None
+  equal (perplexity to 1e-6 relative); a model in two files (the teacher, a baseline every run
+  scored) joins once and must have the same scores in both. `students` ({path: name}): a
+  trainer's own evaluation.json names its model "student"; it joins under that name."""
+  merged, source = {}, {}
   for path in paths:
     with open(path) as f:
       ev = json.load(f)
     if (students or {}).get(path) and "student" in ev:
       ev[students[path]] = ev.pop("student")
     for name, r in ev.items():
-      if name == "teacher" and "teacher" in merged:
-        a, b = merged["teacher"], r
-        # float reassociation between runs (other batch compositions) moves the 7th digit
-        same = (math.isclose(a.get("perplexity", 0.0), b.get("perplexity", 0.0), rel_tol=1e-6)
-                and all(a.get(k) == b.get(k) for k in ("ppl_tokens", "passkey", "mqar")))
-        if not same:
-          raise ValueError(f"{path} and {teacher_from} score the teacher differently (another "
-                           "suite, tokens or teacher): their models are not comparable")
-        continue
       if name in merged:
-        raise ValueError(f"model {name!r} is in {path} and in an earlier --eval file")
-      merged[name] = r
-      if name == "teacher":
-        teacher_from = path
+        if not _same_scores(merged[name], r):
+          if name == "teacher":
+            raise ValueError(f"{path} and {source[name]} score the teacher differently "
+                             "(another suite, tokens or teacher): their models are not "
+                             "comparable")
+          raise ValueError(f"model {name!r} is in {path} and in {source[name]} with "
+                           "different scores")
+        continue
+      merged[name], source[name] = r, path
   return merged
 
 
