@@ -312,7 +312,7 @@ def write_report(res: dict, base: str):
                  f"{min(min(e.values()) for e in errs.values()):.3f} to "
                  f"{max(max(e.values()) for e in errs.values()):.3f} (worst: layer {worst}); "
                  "all of them are in the .json beside this file.")
-  pairs = [(v, v + "a") for v in ("r2", "r4", "r8") if v in res and v + "a" in res]
+  pairs = [v for v in ("r2", "r4", "r8") if v in res and v + "a" in res]
   if pairs:
     def cmp(v):
       p, a = res[v], res[v + "a"]
@@ -321,7 +321,7 @@ def write_report(res: dict, base: str):
               f"{p['after']['ppl_ratio']:.1f} after, top-1 {a['after']['top1']:.1%} vs "
               f"{p['after']['top1']:.1%}")
     lines.append("\nActivation-aware vs plain truncation at the same rank (same distillation "
-                 "budget): " + "; ".join(cmp(v) for v, _ in pairs) + ".")
+                 "budget): " + "; ".join(cmp(v) for v in pairs) + ".")
   lines.append(f"\n![ratio and top-1 before / after distillation]({os.path.basename(base)}.png)")
   with open(base + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
