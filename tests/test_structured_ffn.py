@@ -407,3 +407,35 @@ def test_ffn_experiment_compresses_a_linearized_student(tmp_path, monkeypatch):
   assert decode_state_mib(small, 256) == decode_state_mib(student, 256)
   again, _ = exp.prepare("r2low3", student=str(tmp_path / "run" / "model"))
   assert again == path          # a workdir and its model folder are the same student
+
+
+def test_ffn_experiment_report_keeps_each_students_rows(tmp_path):
+  """Rows of two --student runs sit in one table, each beside its own student's dense-FFN row
+  (results written before students had tags hold one student as res["lolcats"])."""
+  from tests.helpers import load_module
+  exp = load_module("experiments/ffn_compress_smollm2.py", "ffn_exp_report")
+  score = lambda ppl, top1: {"ppl": ppl, "ppl_ratio": ppl / 10.0, "top1": top1}
+  student = lambda note, ppl: {"note": note, "params": 90, "ffn_params": 60, "decode_mib": 2.0,
+                               "decode_growing_mib": 1.0, "before": score(ppl, 0.8)}
+  row = lambda ppl: {"params": 70, "ffn_params": 40, "decode_mib": 2.0,
+                     "decode_growing_mib": 1.0, "mean_rel_error": 0.2,
+                     "error_measure": "calibration outputs", "ranks": {"3": 8},
+                     "before": score(ppl, 0.5), "after": score(ppl / 2, 0.6),
+                     "distill": {"steps": 3, "tokens": 300}}
+  res = {"teacher": {"ppl": 10.0, "params": 100, "ffn_params": 80, "decode_mib": 4.0,
+                     "decode_growing_mib": 4.0},
+         "lolcats": student("the old student", 11.0), "lolcats+r2low10": row(40.0),
+         "students": {"s60": student("the 60-minute student", 10.5)}, "s60+r2a": row(30.0)}
+  exp.write_report(res, str(tmp_path / "ffn"))
+  md = (tmp_path / "ffn.md").read_text()
+  table = [line for line in md.splitlines() if line.startswith("| ")]
+  names = [line.split(" | ")[0][2:] for line in table[1:]]
+  assert names == ["teacher (dense FFN, softmax)", "LoLCATs student (dense FFN)",
+                   "LoLCATs student `s60` (dense FFN)",
+                   "LoLCATs student + lowrank 1/2 in the 10 best-reconstructed layers",
+                   "LoLCATs student `s60` + lowrank 1/2 (r 288), activation-aware"]
+  assert "| 11.00 | 1.100 |" in table[2] and "| 10.50 | 1.050 |" in table[3]
+  assert "| 30.00 | 3.000 | 50.0% | 3 (300) | 15.00 | 1.500 | 60.0% |" in table[5]
+  assert "--student-tag s60`, the 60-minute student" in md
+  assert "--student-tag lolcats`, the old student" in md
+  assert (tmp_path / "ffn.png").exists()
