@@ -245,9 +245,9 @@ def _students(res: dict) -> dict:
   return res.setdefault("students", {})
 
 
-def _rows(res: dict) -> list:
+def _rows(res: dict, students: dict) -> list:
   rows = [v for v in VARIANTS if v in res]
-  return rows + [f"{tag}+{v}" for tag in _students(res) for v in VARIANTS
+  return rows + [f"{tag}+{v}" for tag in students for v in VARIANTS
                  if f"{tag}+{v}" in res]
 
 
@@ -262,12 +262,12 @@ def _name(key: str) -> str:
 
 def write_report(res: dict, base: str):
   t = res["teacher"]
-  rows = _rows(res)
+  students = _students(res)
+  rows = _rows(res, students)
   meta = res.get("_meta", {})
   runs = res.get("_runs", [meta])
   loads = "; ".join(f"{', '.join(m.get('rows', []) or ['earlier rows'])}: {m.get('date', '?')}, "
                     f"{m.get('load', 'load ?')}" for m in runs)
-  students = _students(res)
   by_student = "; ".join(f"the `{tag}+` rows: `--student DIR --student-tag {tag}`, {s['note']}"
                          for tag, s in students.items())
   lines = [
