@@ -50,8 +50,6 @@ def get_config(arg: str = "linjax_15m"):
   c.linearize.mix = 1.0
   c.linearize.normalize = True
   c.keep_softmax.layers = KEEP_SOFTMAX
-  c.keep_softmax.criterion = "kl"
-  c.keep_softmax.tokens = 2048
   c.stages = stages(
       transfer=stage(steps=100000, time_budget_s=t1, trainable="lora",
                      objective={"attention_mse": 1.0}, transfer_scale=1000.0, seq_len=512,

@@ -62,8 +62,6 @@ def get_config(arg: str = "linjax_15m"):
     c.linearize.num_sinks = 4
     c.linearize.init_linear_factor = 0.0
     c.keep_softmax.layers = KEEP_SOFTMAX
-    c.keep_softmax.criterion = "kl"
-    c.keep_softmax.tokens = 2048
   transfer = stage(
       steps=100000, time_budget_s=t1, trainable="feature_maps",
       objective={"attention_mse": 1.0}, transfer_scale=1000.0, seq_len=1024 if gpu else 512,

@@ -35,10 +35,10 @@ Run fields (defaults in `base_config`):
                      (`linjax.linearize.calibrate`; SUPRA with norm_affine=True)
   keep_softmax       layers > 0: that many layers stay softmax attention, the ones whose
                      linearize mixer at initialisation loses most on `tokens` training
-                     tokens in rows of `seq_len`, by `criterion`: "transfer" (the layer's
-                     own relative transfer error) | "kl" (the output KL to the teacher won
-                     back by restoring that layer alone) (`linjax.linearize.select`); the
-                     choice is saved in
+                     tokens in rows of `seq_len`, by `criterion`: "kl" (default: the
+                     output KL to the teacher won back by restoring that layer alone) |
+                     "transfer" (the layer's own relative transfer error)
+                     (`linjax.linearize.select`); the choice is saved in
                      `workdir/keep_softmax.json`. Their KV cache grows with the context.
   teacher            "auto": the loaded model before `linearize` (frozen), kept when an
                      objective needs one (kl, hidden_mse) | a model path | None
@@ -190,7 +190,7 @@ def base_config() -> ConfigDict:
   c.init_from = config_dict.placeholder(str)
   c.linearize = None
   c.calibrate = ConfigDict(dict(tokens=0))
-  c.keep_softmax = ConfigDict(dict(layers=0, tokens=4096, seq_len=512, criterion="transfer"))
+  c.keep_softmax = ConfigDict(dict(layers=0, tokens=2048, seq_len=512, criterion="kl"))
   c.teacher = "auto"
   c.teacher_cache = ""
 
