@@ -263,6 +263,36 @@ def test_chunked_prefill_then_decode_equals_token_by_token(name, kw, tol):
   assert all(n < L for n in _scan_lengths(jaxpr.jaxpr)), _scan_lengths(jaxpr.jaxpr)
 
 
+@pytest.mark.parametrize("variant", ["sw", "tk"])
+def test_lolcats_recurrent_prefill_is_token_by_token(variant):
+  """LoLCATs' method="recurrent" prefill (the benchmarks' token-by-token baseline) scans the
+  decode step over the prompt: a lax.scan of the prompt's length, and the same outputs and
+  decode state as the chunk prefill, over a left-padded batch, then one decode step alike."""
+  m = make_mixer("lolcats", dict(window=8, num_sinks=2, variant=variant), method="chunk")
+  L = 21
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, L + 1, 48))
+  pos = np.zeros((2, L), np.int32)
+  seg = np.zeros((2, L), np.int32)
+  for b, n in enumerate((21, 12)):
+    pos[b, L - n:], seg[b, L - n:] = np.arange(n), 1
+  pos, seg = jnp.asarray(pos), jnp.asarray(seg)
+  nxt = pos[:, -1:] + 1
+  out = {}
+  for method in ("chunk", "recurrent"):
+    m.method = method
+    y, c = run(m, x[:, :L], pos, seg, m.init_cache(2, 64))
+    yd, _ = run(m, x[:, L:], nxt, None, c)
+    out[method] = (y, c, yd)
+  (y0, c0, d0), (y1, c1, d1) = out["chunk"], out["recurrent"]
+  keep = np.asarray(seg)[:, :, None] > 0                  # padded positions' outputs are unused
+  assert_rel(jnp.where(keep, y0, 0.0), jnp.where(keep, y1, 0.0), 1e-4, "prefill outputs")
+  assert_rel(c0["state"], c1["state"], 1e-4, "linear state")
+  assert_rel(d0, d1, 1e-4, "decode step after the prefill")
+  jaxpr = jax.make_jaxpr(lambda x, p, s, c: m(x, positions=p, segment_ids=s, cache=c))(
+      x[:, :L], pos, seg, m.init_cache(2, 64))
+  assert L in _scan_lengths(jaxpr.jaxpr), _scan_lengths(jaxpr.jaxpr)
+
+
 PALLAS_FAST = {"linear-feature_map=hedgehog", "gla-", "gated_deltanet-",
                "lolcats-window=8-variant=sw", "liger-window=8"}
 PALLAS = [pytest.param(*m[:2], id=i, marks=() if i in PALLAS_FAST else pytest.mark.slow)

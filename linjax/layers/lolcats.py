@@ -22,7 +22,8 @@ Methods: "parallel" is the T x T form above (also the attention-transfer form); 
 method runs the window part through `linjax.ops.attention` (blocked, O(T W); with its max and
 log-sum-exp) and the linear part through the `gla` op with the mixer's method: for "sw" the
 query at i reads the state after key i - W (one op call over keys shifted by W), for "tk" the
-state at the start of the block before its own. "recurrent" scans the decode step.
+state at the start of the block before its own. "recurrent" scans the decode step, one token
+at a time, in training and in the prefill alike (the slow reference path).
 
 Decode state: the linear state [B, H, F, D + 1] (the last column is the denominator), a cache
 of `num_sinks` + R rotary keys / values (R = W for "sw", 2W for "tk"; slots as in
@@ -223,6 +224,17 @@ class LolcatsAttention(DistillMixin, QKVO):
       c["lin_end"] = jnp.zeros((batch_size,), jnp.int32)
     return c
 
+  def _scan_cached(self, params, q, k, v, positions, upd, cache):
+    """method="recurrent": the decode step once per token (a `lax.scan` over T), from `cache`;
+    returns (o [B, T, H, D], the cache after the last token)."""
+    def step(c, xs):
+      qt, kt, vt, pt, ut = (a[:, None] for a in xs)
+      o, c = self._cached(params, qt, kt, vt, pt, ut, c)
+      return c, o[:, 0]
+    sw = lambda a: jnp.swapaxes(a, 0, 1)
+    cache, o = jax.lax.scan(step, cache, tuple(map(sw, (q, k, v, positions, upd))))
+    return sw(o), cache
+
   def _cached(self, params, q, k, v, positions, upd, cache):
     S0 = self.num_sinks
     seg = upd.astype(jnp.int32)
@@ -275,7 +287,10 @@ class LolcatsAttention(DistillMixin, QKVO):
     q, k = self.rotate(q, positions), self.rotate(k, positions)
     params = self.student_params()
     if cache is not None:
-      return self._cached(params, q, k, v, positions, token_mask(x, segment_ids), cache)
+      upd = token_mask(x, segment_ids)
+      if self.method == "recurrent" and x.shape[1] > 1:
+        return self._scan_cached(params, q, k, v, positions, upd, cache)
+      return self._cached(params, q, k, v, positions, upd, cache)
     if self.method == "parallel" or (self.variant == "tk" and segment_ids is not None):
       # the T x T form (tk over packed rows: blocks restart per document, no aligned layout)
       from linjax.layers.base import segment_masks
@@ -285,14 +300,8 @@ class LolcatsAttention(DistillMixin, QKVO):
     if self.method == "recurrent":
       if segment_ids is not None:
         raise NotImplementedError("LoLCATs method='recurrent' over packed rows: use 'chunk'")
-      c = self.init_cache(x.shape[0])
-
-      def step(c, xs):
-        qt, kt, vt, pt = (a[:, None] for a in xs)
-        o, c = self._cached(params, qt, kt, vt, pt, jnp.ones(pt.shape, bool), c)
-        return c, o[:, 0]
-      sw = lambda a: jnp.swapaxes(a, 0, 1)
-      _, o = jax.lax.scan(step, c, (sw(q), sw(k), sw(v), sw(positions)))
-      return sw(o), None
+      o, _ = self._scan_cached(params, q, k, v, positions, jnp.ones(positions.shape, bool),
+                               self.init_cache(x.shape[0]))
+      return o, None
     return self._full(params, q, k, v, positions, segment_ids), None
 
