@@ -50,6 +50,11 @@ def generate_corpus(teacher, tokenizer, *, n_tokens: int, cache_key: str, seed: 
       prompts.append(ids[:prompt_tokens])
     if len(prompts) == n_rows:
       break
+  import sys
+  import time
+  t0 = time.time()
+  print(f"teacher text: sampling {len(prompts)} continuations of {new_tokens} tokens, "
+        f"{batch_size} at a time (cached in {path})", file=sys.stderr, flush=True)
   out = []
   it = range(0, len(prompts), batch_size)
   if progress:
@@ -67,4 +72,6 @@ def generate_corpus(teacher, tokenizer, *, n_tokens: int, cache_key: str, seed: 
   units, _ = decontamination_units()
   out, _ = ngrams.decontaminate(out, embedded_corpus("heldout"), NGRAM, units)
   write_jsonl(out, path)
+  print(f"teacher text: {len(out)} documents in {time.time() - t0:.0f} s", file=sys.stderr,
+        flush=True)
   return out
