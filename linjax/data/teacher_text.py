@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 
 import numpy as np
 
@@ -50,8 +52,6 @@ def generate_corpus(teacher, tokenizer, *, n_tokens: int, cache_key: str, seed: 
       prompts.append(ids[:prompt_tokens])
     if len(prompts) == n_rows:
       break
-  import sys
-  import time
   t0 = time.time()
   print(f"teacher text: sampling {len(prompts)} continuations of {new_tokens} tokens, "
         f"{batch_size} at a time (cached in {path})", file=sys.stderr, flush=True)
