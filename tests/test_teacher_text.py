@@ -109,3 +109,17 @@ def test_the_trainer_joins_teacher_text_to_the_training_documents(cache):
   none.data.embedded_split = "pydoc"
   real = lambda d: int((d.rows("train", 16).segment_ids > 0).sum())
   assert real(data) > real(Data(none, tok))
+
+
+def test_only_process_zero_reports(cache, monkeypatch, capsys):
+  """Every process samples (the teacher is one sharded model); one prints."""
+  import jax
+  tok, model = ByteTokenizer(), tiny_teacher()
+  a = teacher_text.generate_corpus(model, tok, n_tokens=20, cache_key="t", seed=0, **KW)
+  err = capsys.readouterr().err
+  assert "teacher text: sampling 2 continuations" in err and "teacher text: 2 documents" in err
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(teacher_text, "_path", lambda key, s: str(cache / "process1.jsonl"))
+  b = teacher_text.generate_corpus(model, tok, n_tokens=20, cache_key="t", seed=0, **KW)
+  assert b == a                                         # the same samples, written the same way
+  assert capsys.readouterr().err == ""                  # and not a word, nor a progress bar

@@ -8,7 +8,8 @@ split, a seeded order); each continuation of `new_tokens` tokens is sampled at
 documents (prompt + continuation, as text) are decontaminated against the held-out split
 like the corpus itself (the teacher may have memorised held-out passages), then cached as
 jsonl under the corpus cache, keyed by `cache_key` and every setting, so a second run reads
-them back. Progress is shown with tqdm.
+them back. Progress is shown with tqdm. In a multi-process run every process takes part in
+sampling (the teacher is one sharded model); only process 0 prints and shows progress.
 """
 from __future__ import annotations
 
@@ -53,11 +54,17 @@ def generate_corpus(teacher, tokenizer, *, n_tokens: int, cache_key: str, seed: 
     if len(prompts) == n_rows:
       break
   t0 = time.time()
-  print(f"teacher text: sampling {len(prompts)} continuations of {new_tokens} tokens, "
-        f"{batch_size} at a time (cached in {path})", file=sys.stderr, flush=True)
+  import jax
+  main = jax.process_index() == 0
+
+  def say(msg):
+    if main:
+      print(msg, file=sys.stderr, flush=True)
+  say(f"teacher text: sampling {len(prompts)} continuations of {new_tokens} tokens, "
+      f"{batch_size} at a time (cached in {path})")
   out = []
   it = range(0, len(prompts), batch_size)
-  if progress:
+  if progress and main:
     from tqdm.auto import tqdm
     it = tqdm(it, desc="teacher text", unit="batch")
   for s in it:
@@ -72,6 +79,5 @@ def generate_corpus(teacher, tokenizer, *, n_tokens: int, cache_key: str, seed: 
   units, _ = decontamination_units()
   out, _ = ngrams.decontaminate(out, embedded_corpus("heldout"), NGRAM, units)
   write_jsonl(out, path)
-  print(f"teacher text: {len(out)} documents in {time.time() - t0:.0f} s", file=sys.stderr,
-        flush=True)
+  say(f"teacher text: {len(out)} documents in {time.time() - t0:.0f} s")
   return out
