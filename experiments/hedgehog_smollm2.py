@@ -14,17 +14,13 @@ fine-tuned with LoRA.
 """
 from ml_collections import ConfigDict
 
-from linjax.train.config import base_config, stage, stages
+from linjax.train.config import base_config, recipe_arg, stage, stages
 
-BUDGETS = {"15m": (240, 360), "60m": (900, 2400), "gpu": (60, 300)}
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def get_config(arg: str = "linjax_15m"):
-  recipe, _, budget = arg.partition("_")
-  if recipe not in ("paper", "linjax") or budget not in BUDGETS:
-    raise ValueError(f"unknown arg {arg!r}: <paper|linjax>_<{'|'.join(BUDGETS)}>")
-  t1, t2 = BUDGETS[budget]
+  recipe, budget, t1, t2 = recipe_arg(arg)
   bs = 8 if budget == "gpu" else 1
   c = base_config()
   c.model.source = "smollm2"

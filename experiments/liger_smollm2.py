@@ -17,27 +17,22 @@
 """
 from ml_collections import ConfigDict
 
-from linjax.train.config import base_config, stage, stages
+from linjax.train.config import base_config, recipe_arg, stage, stages
 
 # linjax recipe: layers kept as softmax attention (experiments/results/recipes_more.md: with 8
 # kept layers the 15-minute run reaches top-1 0.875 / KL 0.066, without them 0.798 / 0.273,
 # level with the untrained sliding window 64 + 4 sinks it starts from)
 KEEP_SOFTMAX = 8
-BUDGETS = {"15m": (240, 360), "60m": (900, 2400), "gpu": (60, 300)}
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def get_config(arg: str = "linjax_15m"):
-  recipe, _, budget = arg.partition("_")
-  if recipe not in ("paper", "linjax") or budget not in BUDGETS:
-    raise ValueError(f"unknown arg {arg!r}: <paper|linjax>_<{'|'.join(BUDGETS)}>")
-  t1, t2 = BUDGETS[budget]
-  gpu = budget == "gpu"
+  recipe, budget, t1, t2 = recipe_arg(arg)
+  bs = 8 if budget == "gpu" else 1
   c = base_config()
   c.model.source = "smollm2"
   c.model.scan_layers = True
   c.linearize = ConfigDict({"mixer": "liger", "window": 64})
-  bs = 8 if gpu else 1
   if recipe == "paper":
     c.stages = stages(finetune=stage(
         steps=100000, time_budget_s=t1 + t2, trainable="lora", objective={"ce": 1.0, "kl": 0.0},

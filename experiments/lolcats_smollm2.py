@@ -32,7 +32,7 @@ teacher's stage-2 output once: `--config.stages.finetune.kl_top_k=64
 """
 from ml_collections import ConfigDict
 
-from linjax.train.config import base_config, stage, stages
+from linjax.train.config import RECIPE_BUDGETS, base_config, recipe_arg, stage, stages
 
 # linjax recipe: layers kept as softmax attention (the ones whose restoring wins back the most
 # output KL at initialisation, `linjax.linearize.select`). Measured in
@@ -40,19 +40,12 @@ from linjax.train.config import base_config, stage, stages
 # teacher's decode memory) give the 15-minute run top-1 0.902 / KL 0.043, 6 give 0.889-0.892 /
 # 0.054
 KEEP_SOFTMAX = 8
-BUDGETS = {"15m": (240, 360), "60m": (900, 2400), "gpu": (60, 300), "smoke": (0, 0)}
+BUDGETS = dict(RECIPE_BUDGETS, smoke=(0, 0))
 
 
 def get_config(arg: str = "linjax_15m"):
-  if arg == "demo":
-    recipe, budget = "linjax", "15m"
-  elif arg == "smoke":
-    recipe, budget = "linjax", "smoke"
-  else:
-    recipe, _, budget = arg.partition("_")
-  if recipe not in ("paper", "linjax") or budget not in BUDGETS:
-    raise ValueError(f"unknown arg {arg!r}: <paper|linjax>_<{'|'.join(BUDGETS)}>, demo, smoke")
-  t1, t2 = BUDGETS[budget]
+  recipe, budget, t1, t2 = recipe_arg(arg, BUDGETS,
+                                      {"demo": "linjax_15m", "smoke": "linjax_smoke"})
   gpu = budget == "gpu"
   c = base_config()
   c.model.source = "smollm2"

@@ -88,3 +88,23 @@ def test_experiment_builds_and_validates(fname, arg):
   if "gpu" not in str(arg):   # a CPU run: micro-batches a 2-core machine can take
     for name, s in resolved.stages.items():
       assert s.seq_len * s.batch_size // s.grad_accum <= 8192, (fname, arg, name)
+
+
+def test_recipe_args_name_their_budgets():
+  """The recipe configs' "<paper|linjax>_<budget>" args: stage budgets, aliases, and an error
+  that lists what is accepted."""
+  from linjax.train.config import RECIPE_BUDGETS, recipe_arg
+  assert recipe_arg("paper_60m") == ("paper", "60m", 900, 2400)
+  assert recipe_arg("demo", aliases={"demo": "linjax_15m"}) == ("linjax", "15m", 240, 360)
+  for bad in ("linjax_2h", "fast_15m", "linjax", "demo"):
+    with pytest.raises(ValueError, match=r"unknown arg .*<paper\|linjax>_<15m\|60m\|gpu>"):
+      recipe_arg(bad)
+  mod = _load(os.path.join(ROOT, "experiments", "lolcats_smollm2.py"))
+  with pytest.raises(ValueError, match=re.escape("<15m|60m|gpu|smoke>, demo, smoke")):
+    mod.get_config("paper_2h")
+  for name in ("lolcats", "liger", "supra", "hedgehog"):   # each recipe's stages use them
+    mod = _load(os.path.join(ROOT, "experiments", f"{name}_smollm2.py"))
+    for budget, (t1, t2) in RECIPE_BUDGETS.items():
+      c = mod.get_config(f"linjax_{budget}")
+      assert sum(float(s.time_budget_s) for s in c.stages.values()) == t1 + t2, (name, budget)
+      assert {int(s.batch_size) for s in c.stages.values()} <= ({8} if budget == "gpu" else {1, 8})

@@ -169,6 +169,23 @@ def stages(**named) -> ConfigDict:
   return out
 
 
+# the linearization recipes' time budgets (stage 1 s, stage 2 s): 15 and 60 minutes on 2 CPU
+# cores, a short GPU run (batch 8 instead of 1)
+RECIPE_BUDGETS = {"15m": (240, 360), "60m": (900, 2400), "gpu": (60, 300)}
+
+
+def recipe_arg(arg: str, budgets: dict | None = None, aliases: dict | None = None) -> tuple:
+  """A recipe config's arg "<paper|linjax>_<budget>" -> (recipe, budget, stage-1 seconds,
+  stage-2 seconds). `aliases` maps other args to one of that form."""
+  budgets = RECIPE_BUDGETS if budgets is None else budgets
+  aliases = aliases or {}
+  recipe, _, budget = aliases.get(arg, arg).partition("_")
+  if recipe not in ("paper", "linjax") or budget not in budgets:
+    raise ValueError(f"unknown arg {arg!r}: <paper|linjax>_<{'|'.join(budgets)}>"
+                     + "".join(f", {a}" for a in aliases))
+  return (recipe, budget) + tuple(budgets[budget])
+
+
 def ordered_stages(cfg) -> list:
   """[(name, stage)] in run order (by `order`, then name)."""
   return sorted(cfg.stages.items(), key=lambda kv: (int(kv[1].order), kv[0]))
