@@ -14,6 +14,8 @@ and top-1 agreement with the teacher are measured before and after on the held-o
       --student workdir/demo --variants r2low10          # the LoLCATs student of `make demo`,
       # its FFNs compressed too (rows "lolcats+<variant>", or "<tag>+<variant>" with
       # --student-tag TAG: parameters, decode memory)
+  python experiments/ffn_compress_smollm2.py --workdir /tmp/ffn_compress \
+      --variants r2a --budget-s 1200       # a longer distillation: rows "<variant>@1200s"
 
 Args: "cpu" (= "cpu_r4") or "cpu_<variant>" with <variant> one of
   r2 / r4 / r8   rank 1/2, 1/4, 1/8 of min(576, 1536) = 288, 144, 72 in every layer
@@ -29,7 +31,8 @@ With --student DIR (a trainer workdir or model folder of a linearized student), 
 compresses that student's FFNs instead of the teacher's and is distilled from the same dense
 teacher: attention linearized and FFN compressed in one model.
 Distillation: 256-token rows, batch 4, AdamW lr 1e-4 (5 warmup steps, cosine), a 240 s
-budget per variant on 2 CPU cores. `get_config` writes the compressed model (and the
+budget per variant on 2 CPU cores (`--budget-s`; one variant through the trainer:
+`--config.stages.distill.time_budget_s=1200`). `get_config` writes the compressed model (and the
 teacher as a linjax checkpoint) once under $LINJAX_CACHE/ffn_compress (default
 ~/.cache/linjax/ffn_compress) and points the run at it.
 """
@@ -111,7 +114,8 @@ def prepare(variant: str, student: str | None = None) -> tuple[str, dict]:
     return path, json.load(f)
 
 
-def get_config(arg: str = "cpu", student: str | None = None):
+def get_config(arg: str = "cpu", student: str | None = None,
+               budget_s: float = TIME_BUDGET_S):
   variant = "r4" if arg == "cpu" else arg[len("cpu_"):] if arg.startswith("cpu_") else None
   if variant not in VARIANTS:
     raise ValueError(f"unknown arg {arg!r}; 'cpu' or one of "
@@ -122,7 +126,7 @@ def get_config(arg: str = "cpu", student: str | None = None):
   config.data.tokenizer = "smollm2"
   config.progress = False
   config.stages = stages(distill=stage(
-      steps=10_000, time_budget_s=TIME_BUDGET_S, seq_len=256, batch_size=4, trainable="all",
+      steps=10_000, time_budget_s=float(budget_s), seq_len=256, batch_size=4, trainable="all",
       objective={"kl": 1.0}, log_every=5, ckpt_every=0, eval_every=0, eval_rows=4,
       optim={"lr": 1e-4, "warmup_steps": 5, "schedule": "cosine", "weight_decay": 0.0}))
   return config
@@ -169,9 +173,15 @@ def main(argv=None):
   p.add_argument("--student-tag", default="lolcats",
                  help="names the --student's rows (<tag>+<variant>), so several students' "
                       "rows can sit in one table")
+  p.add_argument("--budget-s", type=float, default=TIME_BUDGET_S,
+                 help="distillation seconds per variant; rows of another budget than "
+                      f"{TIME_BUDGET_S:.0f} s are named <variant>@<seconds>s")
   p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "results", "ffn_compress_smollm2"))
   a = p.parse_args(argv)
+  if a.budget_s <= 0:
+    p.error(f"--budget-s must be > 0 seconds, got {a.budget_s}")
+  suffix = "" if a.budget_s == TIME_BUDGET_S else f"@{a.budget_s:.0f}s"
   t0, load0 = time.time(), os.getloadavg()[0]
   tok = load_tokenizer("smollm2")
   tokens = heldout(tok)
@@ -207,21 +217,23 @@ def main(argv=None):
     row["before"] = score(small, teacher, tokens, res["teacher"]["ppl"])
     print(prefix + v, "before", row["before"], flush=True)
     del small
-    workdir = os.path.join(a.workdir, prefix + v)
-    summary = train(get_config("cpu_" + v, a.student), workdir)
+    row["budget_s"] = a.budget_s
+    key = prefix + v + suffix
+    workdir = os.path.join(a.workdir, key)
+    summary = train(get_config("cpu_" + v, a.student, a.budget_s), workdir)
     st = summary["stages"][0]
     row["distill"] = {k: st.get(k) for k in ("steps", "tokens", "train_seconds", "first_loss",
                                               "final_loss")}
     row["after"] = score(summary["model"], teacher, tokens, res["teacher"]["ppl"])
-    print(prefix + v, "after", row["after"], row["distill"], flush=True)
-    res[prefix + v] = row
+    print(key, "after", row["after"], row["distill"], flush=True)
+    res[key] = row
     del summary
     with open(res_path, "w") as f:
       json.dump(res, f, indent=1)
   meta = {"wall_s": time.time() - t0, "eval_tokens": int(tokens.size),
           "machine": f"{os.cpu_count()}-core {os.uname().machine}",
           "load": f"load {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end",
-          "date": time.strftime("%Y-%m-%d"), "rows": [prefix + v for v in a.variants.split(",")]}
+          "date": time.strftime("%Y-%m-%d"), "rows": [prefix + v + suffix for v in a.variants.split(",")]}
   res["_meta"] = meta
   res["_runs"] = res.get("_runs", []) + [meta]
   with open(res_path, "w") as f:
@@ -246,9 +258,14 @@ def _students(res: dict) -> dict:
 
 
 def _rows(res: dict, students: dict) -> list:
-  rows = [v for v in VARIANTS if v in res]
-  return rows + [f"{tag}+{v}" for tag in students for v in VARIANTS
-                 if f"{tag}+{v}" in res]
+  """Row keys: the variants in VARIANTS order (each followed by its longer-budget rows
+  "<variant>@<seconds>s"), then each student's "<tag>+<variant>" rows the same way."""
+  def with_budgets(key):
+    longer = sorted((k for k in res if k.startswith(key + "@")),
+                    key=lambda k: float(k.rpartition("@")[2][:-1]))
+    return ([key] if key in res else []) + longer
+  rows = [k for v in VARIANTS for k in with_budgets(v)]
+  return rows + [k for tag in students for v in VARIANTS for k in with_budgets(f"{tag}+{v}")]
 
 
 def _student_name(tag: str) -> str:
@@ -256,8 +273,10 @@ def _student_name(tag: str) -> str:
 
 
 def _name(key: str) -> str:
+  key, _, budget = key.partition("@")
   tag, _, v = key.rpartition("+")
-  return f"{_student_name(tag)} + {NAMES[v]}" if tag else NAMES[v]
+  name = f"{_student_name(tag)} + {NAMES[v]}" if tag else NAMES[v]
+  return name + (f", {budget[:-1]} s of distillation" if budget else "")
 
 
 def write_report(res: dict, base: str):
@@ -281,7 +300,8 @@ def write_report(res: dict, base: str):
       "argmax agreement with the teacher on the same tokens (`top1_agreement`). The chosen "
       "layers' gate / up / down are compressed (`linjax.compress_ffn`); distillation: "
       "KL(teacher || student), all weights, AdamW lr 1e-4, 4 x 256 tokens a step, "
-      f"{TIME_BUDGET_S:.0f} s of training per variant. \"activation-aware\" rows truncate each "
+      f"{TIME_BUDGET_S:.0f} s of training per variant (rows that say otherwise: "
+      "`--budget-s`). \"activation-aware\" rows truncate each "
       "projection to minimise the error of its outputs on the activations of "
       f"{CALIBRATION_TOKENS:,} training-split tokens (`compress_ffn(calibration=...)`, "
       "SVD-LLM's whitening), the others the weights' Frobenius error; the error column is the "

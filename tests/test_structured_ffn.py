@@ -409,7 +409,7 @@ def test_ffn_experiment_compresses_a_linearized_student(tmp_path, monkeypatch):
   assert again == path          # a workdir and its model folder are the same student
 
 
-def test_ffn_experiment_report_keeps_each_students_rows(tmp_path):
+def test_ffn_experiment_report_keeps_each_students_rows(tmp_path, monkeypatch, capsys):
   """Rows of two --student runs sit in one table, each beside its own student's dense-FFN row
   (results written before students had tags hold one student as res["lolcats"])."""
   from tests.helpers import load_module
@@ -425,7 +425,8 @@ def test_ffn_experiment_report_keeps_each_students_rows(tmp_path):
   res = {"teacher": {"ppl": 10.0, "params": 100, "ffn_params": 80, "decode_mib": 4.0,
                      "decode_growing_mib": 4.0},
          "lolcats": student("the old student", 11.0), "lolcats+r2low10": row(40.0),
-         "students": {"s60": student("the 60-minute student", 10.5)}, "s60+r2a": row(30.0)}
+         "students": {"s60": student("the 60-minute student", 10.5)}, "s60+r2a": row(30.0),
+         "s60+r2a@1200s": row(20.0), "s60+r2a@600s": row(25.0)}
   exp.write_report(res, str(tmp_path / "ffn"))
   md = (tmp_path / "ffn.md").read_text()
   table = [line for line in md.splitlines() if line.startswith("| ")]
@@ -433,9 +434,24 @@ def test_ffn_experiment_report_keeps_each_students_rows(tmp_path):
   assert names == ["teacher (dense FFN, softmax)", "LoLCATs student (dense FFN)",
                    "LoLCATs student `s60` (dense FFN)",
                    "LoLCATs student + lowrank 1/2 in the 10 best-reconstructed layers",
-                   "LoLCATs student `s60` + lowrank 1/2 (r 288), activation-aware"]
+                   "LoLCATs student `s60` + lowrank 1/2 (r 288), activation-aware",
+                   "LoLCATs student `s60` + lowrank 1/2 (r 288), activation-aware, 600 s of "
+                   "distillation",
+                   "LoLCATs student `s60` + lowrank 1/2 (r 288), activation-aware, 1200 s of "
+                   "distillation"]
   assert "| 11.00 | 1.100 |" in table[2] and "| 10.50 | 1.050 |" in table[3]
   assert "| 30.00 | 3.000 | 50.0% | 3 (300) | 15.00 | 1.500 | 60.0% |" in table[5]
   assert "--student-tag s60`, the 60-minute student" in md
   assert "--student-tag lolcats`, the old student" in md
   assert (tmp_path / "ffn.png").exists()
+  # the distillation budget reaches the trainer's stage (and nothing else changes)
+  monkeypatch.setattr(exp, "prepare", lambda v, student=None: (str(tmp_path), {}))
+  monkeypatch.setattr(exp, "teacher_dir", lambda: str(tmp_path))
+  short, longer = exp.get_config("cpu_r2a"), exp.get_config("cpu_r2a", budget_s=1200)
+  assert float(short.stages.distill.time_budget_s) == exp.TIME_BUDGET_S
+  assert float(longer.stages.distill.time_budget_s) == 1200.0
+  longer.stages.distill.time_budget_s = exp.TIME_BUDGET_S
+  assert longer.to_dict() == short.to_dict()
+  with pytest.raises(SystemExit):
+    exp.main(["--workdir", str(tmp_path), "--budget-s", "0"])
+  assert "--budget-s must be > 0 seconds, got 0.0" in capsys.readouterr().err
