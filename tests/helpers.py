@@ -24,6 +24,17 @@ def subprocess_env(devices: int | None = None, **extra) -> dict:
   return env
 
 
+def override(cfg, **dotted):
+  """cfg with fields set by dotted name (a dict or a ConfigDict): override(c, **{"a.b": 1})."""
+  for key, value in dotted.items():
+    node = cfg
+    *parts, last = key.split(".")
+    for p in parts:
+      node = node[p]
+    node[last] = value
+  return cfg
+
+
 def rel_err(ref, out) -> float:
   """||ref - out|| / ||ref|| in float64, after checking `out` is finite."""
   ref = np.asarray(ref, np.float64)

@@ -17,6 +17,7 @@ from linjax.train.checkpoints import (Checkpointer, CheckpointCorruptError, Resu
                                       check_resume_config)
 from linjax.train.config import base_config
 from linjax.train.metrics import MetricsWriter
+from tests.helpers import override
 
 # orbax leaves an unawaited read coroutine behind when tensorstore fails a read
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -213,13 +214,7 @@ def _cfg(**over):
        "mesh": {"data": -1, "fsdp": 1},
        "stages": {"finetune": {"steps": 10, "log_every": 1,
                                "optim": {"lr": 1e-4, "schedule": "plateau"}}}}
-  for k, v in over.items():
-    node = c
-    *parts, last = k.split(".")
-    for p in parts:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **over)
 
 
 def test_resume_config_names_the_fields_that_change_the_computation():

@@ -14,6 +14,7 @@ from flax import nnx
 from linjax.layers.params import FeatureMapParam, LoRAParam
 from linjax.train.config import ConfigError, base_config, resolve, stage, stages
 from linjax.train.trainer import NonFiniteLossError, train
+from tests.helpers import override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,13 +52,7 @@ def two_stages(**over):
                      objective={"kl": 1.0, "ce": 0.5}, lora={"rank": 2}, log_every=1,
                      ckpt_every=2, eval_every=2, eval_rows=2, keep_best=True,
                      optim={"lr": 1e-2}))
-  for k, v in over.items():
-    node = c
-    *parts, last = k.split(".")
-    for p in parts:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **over)
 
 
 def flat_params(model, flt=nnx.Param):

@@ -15,7 +15,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from linjax.layers.base import repeat_kv
 from linjax.layers.feature_maps import FeatureMap, feature_dim
 from linjax.layers.linear_attention import NORMALIZE, LinearMixerBase
 from linjax.layers.mixers import register_mixer
@@ -59,11 +58,7 @@ class DeltaNet(LinearMixerBase):
     return self.feat_dim ** -0.5
 
   def features(self, x, positions):
-    q, k, v = self.project(x)
-    k, v = repeat_kv(k, self.rep), repeat_kv(v, self.rep)
-    if self.rotary == "before":
-      q, k = self.rotate(q, positions), self.rotate(k, positions)
-    qf, kf = self.feature_map_q(q), self.feature_map_k(k)
+    qf, kf, v = self.mapped_qkv(x, positions)
     xf = x.astype(jnp.float32)
     beta = jax.nn.sigmoid(xf @ self.b_w[...] + self.b_b[...])
     if self.allow_neg_eigval:

@@ -90,6 +90,18 @@ class LinearMixerBase(DistillMixin, QKVO):
   def features(self, x, positions):
     raise NotImplementedError
 
+  def mapped_qkv(self, x, positions):
+    """(q~, k~, v): projected, k / v repeated per query head, rotary applied before or after
+    the feature maps `feature_map_q` / `feature_map_k` as `self.rotary` says."""
+    q, k, v = self.project(x)
+    k, v = repeat_kv(k, self.rep), repeat_kv(v, self.rep)
+    if self.rotary == "before":
+      q, k = self.rotate(q, positions), self.rotate(k, positions)
+    qf, kf = self.feature_map_q(q), self.feature_map_k(k)
+    if self.rotary == "after":
+      qf, kf = self.rotate(qf, positions), self.rotate(kf, positions)
+    return qf, kf, v
+
   @property
   def scale(self):
     return 1.0 if self.normalize == "denominator" else self.feat_dim ** -0.5
@@ -213,13 +225,7 @@ class LinearAttention(LinearMixerBase):
 
 
   def features(self, x, positions):
-    q, k, v = self.project(x)
-    k, v = repeat_kv(k, self.rep), repeat_kv(v, self.rep)
-    if self.rotary == "before":
-      q, k = self.rotate(q, positions), self.rotate(k, positions)
-    qf, kf = self.feature_map_q(q), self.feature_map_k(k)
-    if self.rotary == "after":
-      qf, kf = self.rotate(qf, positions), self.rotate(kf, positions)
+    qf, kf, v = self.mapped_qkv(x, positions)
     return qf, kf, v, self._gates(qf.shape[:3]), None
 
 

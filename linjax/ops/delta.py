@@ -37,7 +37,7 @@ from linjax.ops._checks import (check_beta, check_cu_seqlens_values, check_log_g
 from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
                                 by_method, masked_exp, pad_time, pallas_kernel,
                                 segment_runs)
-from linjax.ops.gla import SUB_CHUNK, _check_inputs, resets, segsum, suffix_sum
+from linjax.ops.gla import SUB_CHUNK, _check_inputs, scan_tokens, segsum, suffix_sum
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
@@ -170,32 +170,8 @@ def _delta_varlen(q, k, v, beta, g, h0, cu_seqlens, L, *, scale, method, chunk_s
 
 
 def _delta_recurrent(q, k, v, beta, g, h0, scale, runs=None, seqs=None):
-  """seqs: packed sequences (B = 1), as `linjax.ops.gla._gla_recurrent`."""
-  tm = lambda x: None if x is None else jnp.moveaxis(x.astype(F32), 1, 0)
-  new = None if runs is None else jnp.moveaxis(resets(runs), 1, 0)
-  T = q.shape[1]
-  if seqs is not None:
-    (seq, start, end, live), H0 = seqs
-    h0 = jnp.zeros((1,) + H0.shape[1:], F32)
-
-  def body(carry, xs):
-    S, fin = carry
-    t, qt, kt, vt, bt, gt, rt = xs
-    if rt is not None:
-      S = jnp.where(rt[:, None, None, None], 0.0, S)
-    if seqs is not None:
-      S = jnp.where(start[t], H0[seq[t]][None], S)
-    S = _delta_token(S, kt, vt, bt, gt)
-    o = scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
-    if seqs is not None:
-      fin = fin.at[seq[t]].set(jnp.where(end[t], S[0], fin[seq[t]]))
-      o = jnp.where(live[t], o, 0.0)
-    return (S, fin), o
-
-  fin0 = None if seqs is None else H0
-  (S, fin), o = lax.scan(body, (h0, fin0),
-                         (jnp.arange(T), tm(q), tm(k), tm(v), tm(beta), tm(g), new))
-  return jnp.moveaxis(o, 0, 1), (S if seqs is None else fin)
+  """seqs: packed sequences (B = 1), as `linjax.ops.gla.scan_tokens`."""
+  return scan_tokens(_delta_token, q, (k, v, beta, g), h0, scale, runs, seqs)
 
 
 def _delta_chunked(q, k, v, beta, g, h0, scale, C, inter, runs=None, starts=None):

@@ -183,16 +183,22 @@ def gla_step(state, q, k, v, g=None, *, scale=None, normalize=False, eps=1e-6):
   elif getattr(state, "shape", None) != (B, H, K, Vs):
     raise ValueError(f"`state` must have shape [B, H, K, V{' + 1' if normalize else ''}] = "
                      f"{(B, H, K, Vs)}, got {getattr(state, 'shape', None)}")
-  S = state.astype(F32)
-  if g is not None:
-    decay = jnp.exp(g.astype(F32))
-    S = S * (decay[..., None, None] if decay.ndim == 2 else decay[..., None])
-  S = S + k.astype(F32)[..., :, None] * v.astype(F32)[..., None, :]
+  S = _gla_token(state.astype(F32), k.astype(F32), v.astype(F32),
+                 None if g is None else g.astype(F32))
   o = scale * jnp.einsum("bhk,bhkv->bhv", q.astype(F32), S)
   if normalize:
     o = o[..., :V] / (o[..., V:] + eps)
   o = o.astype(out_dtype)
   return (o[:, None] if timed else o), S
+
+
+def _gla_token(S, kt, vt, gt):
+  """One token of the GLA recurrence on an fp32 state [B, H, K, V]: decay (per head [B, H] or
+  per key [B, H, K]), then add k v^T."""
+  if gt is not None:
+    decay = jnp.exp(gt)
+    S = S * (decay[..., None, None] if decay.ndim == 2 else decay[..., None])
+  return S + kt[..., :, None] * vt[..., None, :]
 
 
 # ----------------------------------------------------------------------------- dense methods
@@ -236,8 +242,16 @@ def _gla_varlen(q, k, v, g, h0, cu_seqlens, L, *, scale, method, chunk_size):
 
 
 def _gla_recurrent(q, k, v, g, h0, scale, runs=None, seqs=None):
-  """seqs (packed sequences, B = 1): ((seq, start, end, live) per token, H0 [N, H, K, V]);
-  returns the N final states then, and zeros after the last sequence."""
+  return scan_tokens(_gla_token, q, (k, v, g), h0, scale, runs, seqs)
+
+
+def scan_tokens(update, q, xs, h0, scale, runs=None, seqs=None):
+  """The token-by-token form of a linear recurrence: `update(S, *x_t) -> S` per token (each x
+  [B, T, H, ...] or None, in fp32), then o_t = scale * q_t S_t. runs: segment runs [B, T]
+  (the state resets where a segment starts) or None. seqs (packed sequences, B = 1):
+  ((seq, start, end, live) per token, H0 [N, H, K, V]): each sequence starts from its H0 row,
+  the N final states are returned instead of the last state, and zeros after the last
+  sequence."""
   tm = lambda x: None if x is None else jnp.moveaxis(x.astype(F32), 1, 0)
   new = None if runs is None else jnp.moveaxis(resets(runs), 1, 0)
   T = q.shape[1]
@@ -245,17 +259,14 @@ def _gla_recurrent(q, k, v, g, h0, scale, runs=None, seqs=None):
     (seq, start, end, live), H0 = seqs
     h0 = jnp.zeros((1,) + H0.shape[1:], F32)
 
-  def body(carry, xs):
+  def body(carry, inputs):
     S, fin = carry
-    t, qt, kt, vt, gt, rt = xs              # [B,H,K], [B,H,K], [B,H,V], None|[B,H]|[B,H,K]
+    t, qt, rt, xt = inputs
     if rt is not None:
       S = jnp.where(rt[:, None, None, None], 0.0, S)
     if seqs is not None:
       S = jnp.where(start[t], H0[seq[t]][None], S)
-    if gt is not None:
-      decay = jnp.exp(gt)
-      S = S * (decay[..., None, None] if decay.ndim == 2 else decay[..., None])
-    S = S + kt[..., :, None] * vt[..., None, :]
+    S = update(S, *xt)
     o = scale * jnp.einsum("bhk,bhkv->bhv", qt, S)
     if seqs is not None:
       fin = fin.at[seq[t]].set(jnp.where(end[t], S[0], fin[seq[t]]))
@@ -263,7 +274,8 @@ def _gla_recurrent(q, k, v, g, h0, scale, runs=None, seqs=None):
     return (S, fin), o
 
   fin0 = None if seqs is None else H0
-  (S, fin), o = lax.scan(body, (h0, fin0), (jnp.arange(T), tm(q), tm(k), tm(v), tm(g), new))
+  (S, fin), o = lax.scan(body, (h0, fin0),
+                         (jnp.arange(T), tm(q), new, tuple(tm(x) for x in xs)))
   return jnp.moveaxis(o, 0, 1), (S if seqs is None else fin)
 
 
