@@ -32,8 +32,8 @@ compresses that student's FFNs instead of the teacher's and is distilled from th
 teacher: attention linearized and FFN compressed in one model.
 Distillation: 256-token rows, batch 4, AdamW lr 1e-4 (5 warmup steps, cosine), a 240 s
 budget per variant on 2 CPU cores (`--budget-s`; one variant through the trainer:
-`--config.stages.distill.time_budget_s=1200`). `get_config` writes the compressed model (and the
-teacher as a linjax checkpoint) once under $LINJAX_CACHE/ffn_compress (default
+`--config.stages.distill.time_budget_s=1200`). `get_config` writes the compressed model (and
+the teacher as a linjax checkpoint) once under $LINJAX_CACHE/ffn_compress (default
 ~/.cache/linjax/ffn_compress) and points the run at it.
 """
 from __future__ import annotations
@@ -233,7 +233,8 @@ def main(argv=None):
   meta = {"wall_s": time.time() - t0, "eval_tokens": int(tokens.size),
           "machine": f"{os.cpu_count()}-core {os.uname().machine}",
           "load": f"load {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end",
-          "date": time.strftime("%Y-%m-%d"), "rows": [prefix + v + suffix for v in a.variants.split(",")]}
+          "date": time.strftime("%Y-%m-%d"),
+          "rows": [prefix + v + suffix for v in a.variants.split(",")]}
   res["_meta"] = meta
   res["_runs"] = res.get("_runs", []) + [meta]
   with open(res_path, "w") as f:
