@@ -30,13 +30,7 @@ def tiny_config(**stage_over):
   c.ckpt.export = False
   st = stage(steps=2, seq_len=32, batch_size=4, eval_rows=4, log_every=1, ckpt_every=0,
              optim={"lr": 1e-2})
-  for k, v in stage_over.items():
-    node = st
-    *parts, last = k.split(".")
-    for p in parts:
-      node = node[p]
-    node[last] = v
-  c.stages = stages(train=st)
+  c.stages = stages(train=override(st, **stage_over))
   return c
 
 
