@@ -176,9 +176,27 @@ def bench_prefill(models, ts, recurrent_ts, log, max_teacher=None):
       cache = model.init_cache(1, T + 1)
       jax.block_until_ready(_prefill(model, toks, cache))          # compile
       wall, cpu = timed(lambda: _prefill(model, toks, model.init_cache(1, T + 1)))
-      rows[(name, T)] = dict(wall_s=wall, cpu_s=cpu, tok_s=T / wall)
+      rows[(name, T)] = dict(wall_s=wall, cpu_s=cpu, tok_s=T / wall,
+                             flops_per_token=2 * layer_params(model))
       log(f"prefill {name} T={T}: {wall:.2f}s ({T / wall:,.0f} tok/s)")
   return rows
+
+
+def layer_params(model) -> int:
+  """Weights a prompt token passes through in a last-only prefill: the decoder layers' (the
+  embedding is a lookup; the LM head runs on the last position only)."""
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model.layers, nnx.Param)))
+
+
+def matmul_gflops(hidden: int, inter: int, rows: int = 4096) -> float:
+  """This machine's float32 rate on the model's largest matmul ([rows, hidden] x [hidden,
+  inter], the MLP's gate / up shape), GFLOP/s: the ceiling of any prefill that is matmul-bound."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (rows, hidden), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (hidden, inter), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, b))
+  s = statistics.median(timed(dot, a, b)[0] for _ in range(7))
+  return 2 * rows * hidden * inter / s / 1e9
 
 
 def fill_cache(model, cache, L):
@@ -259,6 +277,36 @@ def mfu(r, T, args):
   return 6 * args.matmul_params * r["B"] * T / r["wall_s"] / (args.peak_tflops * 1e12)
 
 
+def prefill_roofline(prefill, peak):
+  """How close each prefill runs to the machine's matmul rate, and what that rate allows."""
+  if not peak:
+    return []
+  T = max(T for _, T in prefill)
+  lol, rec = MODELS[2][0], next((n for n, _ in prefill if n.startswith("LoLCATs sw, tok")), None)
+  T_both = max((t for n, t in prefill if n == rec and (lol, t) in prefill), default=None)
+  L = ["", f"Compute rate of each prefill: 2 N FLOPs a token (N = the decoder layers' weights; "
+       f"the window's and the state's own FLOPs, a few percent here, not counted) against "
+       f"this machine's float32 matmul rate, {peak:,.0f} GFLOP/s (`jnp.dot` of [4096, hidden] "
+       f"x [hidden, intermediate], timed in the same run):", "",
+       "| model | T | GFLOP/s | of the matmul rate | ceiling tok/s at that rate |",
+       "|---|---:|---:|---:|---:|"]
+  for n in sorted({n for n, _ in prefill}, key=lambda x: (x.startswith("LoLCATs sw, tok"), x)):
+    t = max((t for m, t in prefill if m == n), default=None)
+    r = prefill[(n, t)]
+    rate = r["tok_s"] * r["flops_per_token"] / 1e9
+    L.append(f"| {n} | {t:,} | {rate:,.1f} | {rate / peak:.0%} | "
+             f"{peak * 1e9 / r['flops_per_token']:,.0f} |")
+  if T_both:
+    r, c = prefill[(rec, T_both)], prefill[(lol, T_both)]
+    bound = peak * 1e9 / c["flops_per_token"] / r["tok_s"]
+    L += ["", f"At {T_both:,} tokens the token-by-token prefill runs {r['tok_s']:,.0f} tok/s "
+          f"(matrix-vector products, one scan step a token); a chunked prefill "
+          f"at the full matmul rate would be {bound:.0f}x faster than it, so no prefill of "
+          f"this model on this machine can be more than {bound:.0f}x faster than the "
+          f"token-by-token one."]
+  return L
+
+
 def fmt(x, spec="{:.2f}"):
   return "-" if x is None else spec.format(x)
 
@@ -317,6 +365,7 @@ def report(args, what, train, prefill, decode, compile_, wall):
     if fast:
       L += ["", "Chunked vs token-by-token LoLCATs prefill: " + ", ".join(
           f"{x:.0f}x at {T:,}" for T, x in sorted(fast))]
+    L += prefill_roofline(prefill, args.matmul_gflops)
   if decode:
     ctx = sorted({L_ for _, L_ in decode})
     L += ["", "## Decode (batch 1, one token at context L)", "",
@@ -395,6 +444,10 @@ def main(argv=None):
   prefill = (bench_prefill(models, ints(args.prefill_ts), ints(args.recurrent_ts), log,
                            args.max_teacher_prefill)
              if "prefill" in sections else {})
+  args.matmul_gflops = (matmul_gflops(base.config.hidden_size, base.config.intermediate_size)
+                        if prefill else None)
+  if prefill:
+    log(f"float32 matmul rate: {args.matmul_gflops:,.0f} GFLOP/s")
   if args.loss_chunk:
     models[WHOLE] = models[MODELS[0][0]]
   train = (bench_train(models, args.ts, args.tokens, args.max_masked_t, args.max_teacher_t, log,

@@ -25,3 +25,31 @@ def test_model_benchmark_quick_runs_every_method_side_by_side(tmp_path):
       cells = [c.strip() for c in row.strip("|").split("|")]
       assert int(cells[5].replace(",", "")) == round(r["B"] * T / r["wall_s"])
       assert re.fullmatch(r"\d+\.\d%", cells[8])
+
+
+
+def test_model_benchmark_prefill_rate_table_follows_from_its_rows():
+  """The prefill section's compute-rate table: FLOPs a token from the decoder layers' weights
+  (hand count on the tiny teacher), GFLOP/s and the ceiling from each row's own numbers, and
+  the bound on chunked / token by token that the machine's matmul rate sets."""
+  from flax import nnx
+  from linjax.models.llama import Llama, LlamaConfig
+  bench = load_module("benchmarks/model_cpu.py", "model_cpu")
+  h, kv = 64, 2 * 16                     # TINY: hidden 64, 2 KV heads of 16, MLP 128, 2 layers
+  per_layer = h * h + 2 * h * kv + h * h + 3 * h * 128 + 2 * h   # q, k, v, o, MLP, 2 norms
+  assert bench.layer_params(Llama(LlamaConfig(**bench.TINY), rngs=nnx.Rngs(0))) == 2 * per_layer
+  lol, rec, teacher = bench.MODELS[2][0], "LoLCATs sw, token by token (method=recurrent)", \
+      bench.MODELS[0][0]
+  prefill = {(lol, 1024): dict(tok_s=8000.0, flops_per_token=1e7),
+             (lol, 4096): dict(tok_s=9000.0, flops_per_token=1e7),
+             (teacher, 1024): dict(tok_s=6000.0, flops_per_token=9e6),
+             (rec, 1024): dict(tok_s=900.0, flops_per_token=1e7),
+             (rec, 4096): dict(tok_s=1000.0, flops_per_token=1e7)}
+  text = "\n".join(bench.prefill_roofline(prefill, 150.0))
+  assert "float32 matmul rate, 150 GFLOP/s" in text
+  assert f"| {lol} | 4,096 | 90.0 | 60% | 15,000 |" in text         # 9000 x 1e7 = 90 GFLOP/s
+  assert f"| {teacher} | 1,024 | 54.0 | 36% | 16,667 |" in text
+  assert f"| {rec} | 4,096 | 10.0 | 7% | 15,000 |" in text
+  # 150 GFLOP/s / 1e7 FLOPs = 15,000 tok/s at most, 15x the 1,000 tok/s token-by-token rate
+  assert "At 4,096 tokens" in text and "more than 15x faster than the token-by-token" in text
+  assert bench.prefill_roofline(prefill, None) == []
