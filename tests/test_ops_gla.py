@@ -320,6 +320,43 @@ def test_errors_name_the_argument(bad, match):
     ops.gla(**args)
 
 
+@pytest.mark.parametrize("op", ["gla_step", "delta_rule_step"])
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=jnp.zeros((2, 2, 3, 8)), k=jnp.zeros((2, 2, 3, 8)), v=jnp.zeros((2, 2, 3, 4))),
+     r"`q` for {op} must be \[B, H, K\] or \[B, 1, H, K\]"),
+    (dict(q=jnp.zeros((2, 8))), r"`q` must have shape \[B, H, K\] \(rank 3\)"),
+    (dict(k=jnp.zeros((2, 3, 7))), r"`k` must have shape \[B, H, K\] = \(2, 3, 8\)"),
+    (dict(v=jnp.zeros((2, 4, 4))), r"`v` must have shape \[B, H, V\] = \(2, 3, V\)"),
+    (dict(state=jnp.zeros((2, 3, 8, 5))), r"`state` must have shape \[B, H, K, V\] = \(2, 3, 8, 4\)"),
+])
+def test_step_errors_name_the_argument(op, bad, match):
+  """Both decode steps share their q / k / v / state checks: each names the argument and the
+  shape it expected; a time axis longer than one token is refused by name."""
+  args = dict(state=None, q=jnp.zeros((2, 3, 8)), k=jnp.zeros((2, 3, 8)), v=jnp.zeros((2, 3, 4)))
+  if op == "delta_rule_step":
+    args["beta"] = jnp.ones((2, 2, 3)) if bad.get("q", args["q"]).ndim == 4 else jnp.ones((2, 3))
+  args.update(bad)
+  with pytest.raises(ValueError, match=match.format(op=op)):
+    getattr(ops, op)(**args)
+
+
+def test_step_time_axis_matches_untimed():
+  """[B, 1, H, .] inputs give the same output (time axis kept) and state as [B, H, .]."""
+  ks = jax.random.split(jax.random.PRNGKey(3), 5)
+  q, k = (jax.random.normal(x, (2, 3, 8)) for x in ks[:2])
+  v = jax.random.normal(ks[2], (2, 3, 4))
+  g = -jax.nn.softplus(jax.random.normal(ks[3], (2, 3)))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (2, 3)))
+  S0 = 0.1 * jnp.ones((2, 3, 8, 4))
+  t = lambda x: x[:, None]
+  for o, S, o1, S1 in [(*ops.gla_step(S0, q, k, v, g), *ops.gla_step(S0, t(q), t(k), t(v), t(g))),
+                       (*ops.delta_rule_step(S0, q, k, v, beta, g),
+                        *ops.delta_rule_step(S0, t(q), t(k), t(v), t(beta), t(g)))]:
+    assert o1.shape == (2, 1, 3, 4)
+    np.testing.assert_array_equal(o1[:, 0], o)
+    np.testing.assert_array_equal(S1, S)
+
+
 @pytest.mark.parametrize("gate,method", [
     (None, "chunk"), ("channel", "chunk"), pytest.param("head", "assoc_scan", marks=pytest.mark.slow),
     pytest.param("channel", "parallel", marks=pytest.mark.slow),

@@ -23,6 +23,37 @@ def check_shape(name, x, shape, expected):
                      f"{tuple('*' if s is None else s for s in shape)}, got {got}")
 
 
+def step_inputs(op, q, k, v, *per_head):
+  """A decode step's q, k [B, H, K] and v [B, H, V], checked; a single-token time axis
+  ([B, 1, H, .]) is taken off them and off `per_head` (None stays None).
+  Returns (timed, q, k, v, *per_head)."""
+  timed = getattr(q, "ndim", 0) == 4
+  if timed:
+    if q.shape[1] != 1:
+      raise ValueError(f"`q` for {op} must be [B, H, K] or [B, 1, H, K], got {q.shape}")
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    per_head = tuple(None if x is None else x[:, 0] for x in per_head)
+  check_rank("q", q, 3, "[B, H, K]")
+  B, H, _ = q.shape
+  if getattr(k, "shape", None) != q.shape:
+    raise ValueError(f"`k` must have shape [B, H, K] = {q.shape}, got {getattr(k, 'shape', None)}")
+  check_rank("v", v, 3, "[B, H, V]")
+  if v.shape[:2] != (B, H):
+    raise ValueError(f"`v` must have shape [B, H, V] = ({B}, {H}, V), got {v.shape}")
+  return (timed, q, k, v, *per_head)
+
+
+def step_state(state, shape, expected="[B, H, K, V]"):
+  """A decode step's float32 state: zeros when None, else checked against `shape`."""
+  import jax.numpy as jnp
+  if state is None:
+    return jnp.zeros(shape, jnp.float32)
+  if getattr(state, "shape", None) != tuple(shape):
+    raise ValueError(f"`state` must have shape {expected} = {tuple(shape)}, got "
+                     f"{getattr(state, 'shape', None)}")
+  return state.astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------- values
 # Value checks of the recurrence inputs. Concrete arrays (eager calls) are checked at once
 # and raise a ValueError naming the argument, the offending value, its index and what was

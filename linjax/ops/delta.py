@@ -33,7 +33,7 @@ from jax import lax
 
 from linjax.ops import varlen
 from linjax.ops._checks import (check_beta, check_cu_seqlens_values, check_log_gates,
-                                check_rank)
+                                check_rank, step_inputs, step_state)
 from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
                                 by_method, masked_exp, pad_time, pallas_kernel,
                                 segment_runs)
@@ -94,31 +94,16 @@ def delta_rule_step(state, q, k, v, beta, g=None, *, scale=None):
   q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: None or [B, H]; state [B, H, K, V] float32
   or None. [B, 1, H, .] inputs (beta, g [B, 1, H]) are accepted and o keeps the time axis.
   """
-  timed = getattr(q, "ndim", 0) == 4
-  if timed:
-    if q.shape[1] != 1:
-      raise ValueError(f"`q` for delta_rule_step must be [B, H, K] or [B, 1, H, K], got {q.shape}")
-    q, k, v, beta = q[:, 0], k[:, 0], v[:, 0], beta[:, 0]
-    g = None if g is None else g[:, 0]
-  check_rank("q", q, 3, "[B, H, K]")
+  timed, q, k, v, beta, g = step_inputs("delta_rule_step", q, k, v, beta, g)
   B, H, K = q.shape
-  if getattr(k, "shape", None) != q.shape:
-    raise ValueError(f"`k` must have shape [B, H, K] = {q.shape}, got {getattr(k, 'shape', None)}")
-  check_rank("v", v, 3, "[B, H, V]")
-  if v.shape[:2] != (B, H):
-    raise ValueError(f"`v` must have shape [B, H, V] = ({B}, {H}, V), got {v.shape}")
   if getattr(beta, "shape", None) != (B, H):
     raise ValueError(f"`beta` must have shape [B, H] = {(B, H)}, got {getattr(beta, 'shape', None)}")
   if g is not None and getattr(g, "shape", None) != (B, H):
     raise ValueError(f"`g` must have shape [B, H] = {(B, H)}, got {getattr(g, 'shape', None)}")
   V = v.shape[-1]
   scale = K ** -0.5 if scale is None else scale
-  if state is None:
-    state = jnp.zeros((B, H, K, V), F32)
-  elif getattr(state, "shape", None) != (B, H, K, V):
-    raise ValueError(f"`state` must have shape [B, H, K, V] = {(B, H, K, V)}, got "
-                     f"{getattr(state, 'shape', None)}")
-  S = _delta_token(state.astype(F32), k.astype(F32), v.astype(F32), beta.astype(F32),
+  state = step_state(state, (B, H, K, V))
+  S = _delta_token(state, k.astype(F32), v.astype(F32), beta.astype(F32),
                    None if g is None else g.astype(F32))
   o = (scale * jnp.einsum("bhk,bhkv->bhv", q.astype(F32), S)).astype(v.dtype)
   return (o[:, None] if timed else o), S

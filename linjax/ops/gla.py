@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from linjax.ops import varlen
-from linjax.ops._checks import (check_cu_seqlens_values, check_log_gates, check_rank)
+from linjax.ops._checks import (check_cu_seqlens_values, check_log_gates, check_rank,
+                                step_inputs, step_state)
 from linjax.ops._common import (F32, METHODS, check_segment_ids, chunk_segment_masks, dot,
                                 by_method, masked_exp, pad_time, pallas_kernel,
                                 segment_runs)
@@ -156,19 +157,8 @@ def gla_step(state, q, k, v, g=None, *, scale=None, normalize=False, eps=1e-6):
   ([B, 1, H, .] inputs, g [B, 1, H(, K)]) is accepted too and kept in o.
   Returns o ([B, H, V] or [B, 1, H, V], v's dtype) and the float32 state.
   """
-  timed = getattr(q, "ndim", 0) == 4
-  if timed:
-    if q.shape[1] != 1:
-      raise ValueError(f"`q` for gla_step must be [B, H, K] or [B, 1, H, K], got {q.shape}")
-    q, k, v = q[:, 0], k[:, 0], v[:, 0]
-    g = None if g is None else g[:, 0]
-  check_rank("q", q, 3, "[B, H, K]")
+  timed, q, k, v, g = step_inputs("gla_step", q, k, v, g)
   B, H, K = q.shape
-  if getattr(k, "shape", None) != q.shape:
-    raise ValueError(f"`k` must have shape [B, H, K] = {q.shape}, got {getattr(k, 'shape', None)}")
-  check_rank("v", v, 3, "[B, H, V]")
-  if v.shape[:2] != (B, H):
-    raise ValueError(f"`v` must have shape [B, H, V] = ({B}, {H}, V), got {v.shape}")
   if g is not None and getattr(g, "shape", None) not in ((B, H), (B, H, K)):
     raise ValueError(f"`g` must have shape [B, H] or [B, H, K] = {(B, H, K)}, got "
                      f"{getattr(g, 'shape', None)}")
@@ -177,13 +167,9 @@ def gla_step(state, q, k, v, g=None, *, scale=None, normalize=False, eps=1e-6):
   out_dtype = v.dtype
   if normalize:
     v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-  Vs = v.shape[-1]
-  if state is None:
-    state = jnp.zeros((B, H, K, Vs), F32)
-  elif getattr(state, "shape", None) != (B, H, K, Vs):
-    raise ValueError(f"`state` must have shape [B, H, K, V{' + 1' if normalize else ''}] = "
-                     f"{(B, H, K, Vs)}, got {getattr(state, 'shape', None)}")
-  S = _gla_token(state.astype(F32), k.astype(F32), v.astype(F32),
+  state = step_state(state, (B, H, K, v.shape[-1]),
+                     f"[B, H, K, V{' + 1' if normalize else ''}]")
+  S = _gla_token(state, k.astype(F32), v.astype(F32),
                  None if g is None else g.astype(F32))
   o = scale * jnp.einsum("bhk,bhkv->bhv", q.astype(F32), S)
   if normalize:
