@@ -43,13 +43,16 @@ def test_model_benchmark_prefill_rate_table_follows_from_its_rows():
   prefill = {(lol, 1024): dict(tok_s=8000.0, flops_per_token=1e7),
              (lol, 4096): dict(tok_s=9000.0, flops_per_token=1e7),
              (teacher, 1024): dict(tok_s=6000.0, flops_per_token=9e6),
+             (teacher, 4096): dict(tok_s=2000.0, flops_per_token=9e6),
              (rec, 1024): dict(tok_s=900.0, flops_per_token=1e7),
              (rec, 4096): dict(tok_s=1000.0, flops_per_token=1e7)}
   text = "\n".join(bench.prefill_roofline(prefill, 150.0))
   assert "float32 matmul rate, 150 GFLOP/s" in text
-  assert f"| {lol} | 4,096 | 90.0 | 60% | 15,000 |" in text         # 9000 x 1e7 = 90 GFLOP/s
-  assert f"| {teacher} | 1,024 | 54.0 | 36% | 16,667 |" in text
-  assert f"| {rec} | 4,096 | 10.0 | 7% | 15,000 |" in text
+  assert "| model | GFLOP/s @ 4,096 |" in text            # the longest length every row ran
+  assert f"| {lol} | 90.0 | 60% | 15,000 |" in text         # 9000 x 1e7 = 90 GFLOP/s
+  assert f"| {teacher} | 18.0 | 12% | 16,667 |" in text
+  assert f"| {rec} | 10.0 | 7% | 15,000 |" in text
   # 150 GFLOP/s / 1e7 FLOPs = 15,000 tok/s at most, 15x the 1,000 tok/s token-by-token rate
   assert "At 4,096 tokens" in text and "more than 15x faster than the token-by-token" in text
+  assert "the chunked one is 9x." in text
   assert bench.prefill_roofline(prefill, None) == []
