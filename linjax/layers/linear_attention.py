@@ -223,7 +223,6 @@ class LinearAttention(LinearMixerBase):
     y = jnp.einsum("bhij,bjhv->bihv", a, v.astype(jnp.float32))
     return self.post(y), a
 
-
   def features(self, x, positions):
     qf, kf, v = self.mapped_qkv(x, positions)
     return qf, kf, v, self._gates(qf.shape[:3]), None
