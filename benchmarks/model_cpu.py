@@ -291,7 +291,8 @@ def prefill_roofline(prefill, peak):
     return []
   lol, rec = MODELS[2][0], next((n for n in names if n.startswith("LoLCATs sw, tok")), None)
   L = ["", f"Compute rate of each prefill: 2 N FLOPs a token (N = the decoder layers' weights; "
-       f"the window's and the state's own FLOPs, a few percent here, not counted) against "
+       f"attention's own FLOPs not counted: under a tenth of 2 N for the windows and states "
+       f"here, growing with T for the teacher's softmax) against "
        f"this machine's float32 matmul rate, {peak:,.0f} GFLOP/s (`jnp.dot` of [4096, hidden] "
        f"x [hidden, intermediate], timed in the same run):", "",
        f"| model | GFLOP/s @ {T:,} | of the matmul rate | ceiling tok/s at that rate |",
