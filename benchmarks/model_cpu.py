@@ -64,6 +64,7 @@ MODELS = [  # name, mixer, kwargs
     ("GLA", "gla", {}),
 ]
 MASKED = "teacher, masked (T x T)"
+TOKEN_BY_TOKEN = "LoLCATs sw, token by token (method=recurrent)"   # the prefill baseline
 WHOLE = "teacher, whole [T, vocab] logits (loss_chunk 0)"
 
 
@@ -168,10 +169,9 @@ def bench_prefill(models, ts, recurrent_ts, log, max_teacher=None):
   rows = {}
   todo = [(n, m, ts) for n, m in models.items() if n != MASKED]
   lol = next(m for n, m in models.items() if n.startswith("LoLCATs"))
-  todo.append(("LoLCATs sw, token by token (method=recurrent)",
-               set_method(nnx.clone(lol), "recurrent"),
-               recurrent_ts))
+  todo.append((TOKEN_BY_TOKEN, set_method(nnx.clone(lol), "recurrent"), recurrent_ts))
   for name, model, lens in todo:
+    flops_per_token = 2 * layer_params(model)
     for T in lens:
       if name == MODELS[0][0] and max_teacher and T > max_teacher:
         continue                                    # quadratic: too slow to time on a CPU
@@ -180,7 +180,7 @@ def bench_prefill(models, ts, recurrent_ts, log, max_teacher=None):
       jax.block_until_ready(_prefill(model, toks, cache))          # compile
       wall, cpu = timed(lambda: _prefill(model, toks, model.init_cache(1, T + 1)))
       rows[(name, T)] = dict(wall_s=wall, cpu_s=cpu, tok_s=T / wall,
-                             flops_per_token=2 * layer_params(model))
+                             flops_per_token=flops_per_token)
       log(f"prefill {name} T={T}: {wall:.2f}s ({T / wall:,.0f} tok/s)")
   return rows
 
@@ -188,12 +188,19 @@ def bench_prefill(models, ts, recurrent_ts, log, max_teacher=None):
 def layer_params(model) -> int:
   """Weights a prompt token passes through in a last-only prefill: the decoder layers' (the
   embedding is a lookup; the LM head runs on the last position only)."""
-  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model.layers, nnx.Param)))
+  from linjax.layers.params import param_count
+  return param_count(model.layers)
+
+
+def prefill_names(prefill):
+  """The prefill rows' models in table order: the token-by-token baseline last."""
+  return sorted({n for n, _ in prefill}, key=lambda n: (n == TOKEN_BY_TOKEN, n))
 
 
 def matmul_gflops(hidden: int, inter: int, rows: int = 4096) -> float:
-  """This machine's float32 rate on the model's largest matmul ([rows, hidden] x [hidden,
-  inter], the MLP's gate / up shape), GFLOP/s: the ceiling of any prefill that is matmul-bound."""
+  """This machine's float32 rate on the decoder layers' largest matmul ([rows, hidden] x
+  [hidden, inter], the MLP's gate / up shape), GFLOP/s: the ceiling of any prefill that is
+  matmul-bound."""
   a = jax.random.normal(jax.random.PRNGKey(0), (rows, hidden), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (hidden, inter), jnp.float32)
   dot = jax.jit(jnp.dot)
@@ -284,12 +291,12 @@ def prefill_roofline(prefill, peak):
   """How close each prefill runs to the machine's matmul rate, and what that rate allows."""
   if not peak:
     return []
-  names = sorted({n for n, _ in prefill}, key=lambda x: (x.startswith("LoLCATs sw, tok"), x))
+  names = prefill_names(prefill)
   # one length for every row: the longest that all of them ran (the teacher stops earliest)
   T = max(set.intersection(*({t for m, t in prefill if m == n} for n in names)), default=None)
   if T is None:
     return []
-  lol, rec = MODELS[2][0], next((n for n in names if n.startswith("LoLCATs sw, tok")), None)
+  lol, rec = MODELS[2][0], (TOKEN_BY_TOKEN if TOKEN_BY_TOKEN in names else None)
   L = ["", f"Compute rate of each prefill: 2 N FLOPs a token (N = the decoder layers' weights; "
        f"attention's own FLOPs not counted: under a tenth of 2 N for the windows and states "
        f"here, growing with T for the teacher's softmax) against "
@@ -362,11 +369,11 @@ def report(args, what, train, prefill, decode, compile_, wall):
     L += ["", "## Prefill (one prompt, cached forward)", "",
           "| model | " + " | ".join(f"tok/s @ {T:,}" for T in lens) + " |",
           "|---|" + "---:|" * len(lens)]
-    for n in sorted({n for n, _ in prefill}, key=lambda x: (x.startswith("LoLCATs sw, tok"), x)):
+    for n in prefill_names(prefill):
       L.append(f"| {n} | " + " | ".join(fmt(prefill.get((n, T), {}).get("tok_s"), "{:,.0f}")
                                         for T in lens) + " |")
     fast = [(T, prefill[(n, T)]["tok_s"] / prefill[(m, T)]["tok_s"])
-            for (m, T) in prefill if m.startswith("LoLCATs sw, tok")
+            for (m, T) in prefill if m == TOKEN_BY_TOKEN
             for n in [MODELS[2][0]] if (n, T) in prefill]
     if fast:
       L += ["", "Chunked vs token-by-token LoLCATs prefill: " + ", ".join(
@@ -445,7 +452,8 @@ def main(argv=None):
              "weights of that shape; the layers' time scales with their number, the "
              "embedding and LM head, the same in every model, do not)")
   models = variants(base, args.methods.split(","), args.attention_method)
-  args.matmul_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
+  from linjax.layers.params import param_count
+  args.matmul_params = param_count(base)
   decode = bench_decode(models, ints(args.contexts), args.steps, log) if "decode" in sections else {}
   prefill = (bench_prefill(models, ints(args.prefill_ts), ints(args.recurrent_ts), log,
                            args.max_teacher_prefill)

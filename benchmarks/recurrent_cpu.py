@@ -32,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from linjax.layers.params import param_count  # noqa: E402
 from linjax.models.llama import Llama, LlamaConfig  # noqa: E402
 from linjax.models.recurrent_transformer import (RecurrentTransformer,  # noqa: E402
                                                  RecurrentTransformerConfig)
@@ -51,10 +52,6 @@ def build(name):
     return RecurrentTransformer(RecurrentTransformerConfig(**RT), rngs=nnx.Rngs(0))
   mixers = "softmax" if name == "softmax" else "gla"
   return Llama(LlamaConfig(**LLAMA, mixers=mixers), rngs=nnx.Rngs(0))
-
-
-def n_params(m):
-  return sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
 
 
 def bench(name, T, reps, passes):
@@ -101,7 +98,7 @@ def bench(name, T, reps, passes):
         ts.append(time.perf_counter() - t0)
       out["decode"] = statistics.median(ts)
       out["state_bytes"] = sum(a.nbytes for a in jax.tree.leaves(cache))
-  return n_params(m), out
+  return param_count(m), out
 
 
 def main(argv=None):

@@ -159,7 +159,8 @@ def main(argv=None):
   import argparse
   import time
   import linjax
-  from linjax.compress import ffn_params, param_count
+  from linjax.compress import ffn_params
+  from linjax.layers.params import param_count
   from linjax.data.tokenizers import load_tokenizer
   from linjax.train import train
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -198,7 +198,7 @@ def main(argv=None):
   import argparse
   import time
   import linjax
-  from linjax.compress import param_count
+  from linjax.layers.params import param_count
   from linjax.train import train
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--workdir", required=True)

@@ -37,7 +37,7 @@ def _progress(msg):
 def _load(path, dtype):
   """from_pretrained with a line before (GGUF dequantization / orbax restore take seconds)
   and one after; the text of `generate` stays alone on stdout."""
-  from linjax.compress import param_count
+  from linjax.layers.params import param_count
   from linjax.convert import from_pretrained
   t0 = time.time()
   _progress(f"loading {path} ...")

@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from linjax.layers import structured_mlp as sm
+from linjax.layers.params import param_count
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -361,11 +362,6 @@ def merge_ffn(model, layers=None):
                                      mlp_blocks=tuple(nblocks)), new_params)
 
 
-def param_count(model) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
 def ffn_params(model) -> int:
   """Parameters of every layer's FFN (weights and biases)."""
-  return int(sum(x.size for layer in model.layers
-                 for x in jax.tree.leaves(nnx.state(layer.mlp, nnx.Param))))
+  return sum(param_count(layer.mlp) for layer in model.layers)

@@ -27,7 +27,6 @@ def test_model_benchmark_quick_runs_every_method_side_by_side(tmp_path):
       assert re.fullmatch(r"\d+\.\d%", cells[8])
 
 
-
 def test_model_benchmark_prefill_rate_table_follows_from_its_rows():
   """The prefill section's compute-rate table: FLOPs a token from the decoder layers' weights
   (hand count on the tiny teacher), GFLOP/s and the ceiling from each row's own numbers, and
@@ -38,8 +37,7 @@ def test_model_benchmark_prefill_rate_table_follows_from_its_rows():
   h, kv = 64, 2 * 16                     # TINY: hidden 64, 2 KV heads of 16, MLP 128, 2 layers
   per_layer = h * h + 2 * h * kv + h * h + 3 * h * 128 + 2 * h   # q, k, v, o, MLP, 2 norms
   assert bench.layer_params(Llama(LlamaConfig(**bench.TINY), rngs=nnx.Rngs(0))) == 2 * per_layer
-  lol, rec, teacher = bench.MODELS[2][0], "LoLCATs sw, token by token (method=recurrent)", \
-      bench.MODELS[0][0]
+  lol, rec, teacher = bench.MODELS[2][0], bench.TOKEN_BY_TOKEN, bench.MODELS[0][0]
   prefill = {(lol, 1024): dict(tok_s=8000.0, flops_per_token=1e7),
              (lol, 4096): dict(tok_s=9000.0, flops_per_token=1e7),
              (teacher, 1024): dict(tok_s=6000.0, flops_per_token=9e6),

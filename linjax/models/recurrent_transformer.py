@@ -331,7 +331,3 @@ class RecurrentTransformer(nnx.Module):
     x = self.norm(x[:, -1:] if last_only else x)
     logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32), cache
-
-
-def param_count(model) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

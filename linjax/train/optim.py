@@ -89,7 +89,3 @@ def plateau_scale(opt_state) -> float | None:
 
   jax.tree.map(visit, opt_state, is_leaf=lambda x: hasattr(x, "best_value"))
   return found[0] if found else None
-
-
-def count_params(model, flt=nnx.Param) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, flt))))

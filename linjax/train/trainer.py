@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from linjax.data import pipeline
+from linjax.layers.params import param_count
 from linjax.train import checkpoints as ckpt_lib
 from linjax.train.checkpoints import ResumeConfigError, check_resume_config
 from linjax.train import objectives as obj_lib
@@ -413,7 +414,7 @@ class Stage:
     run, s = self.run, self.cfg
     self.apply_lora(model)
     wrt = optim_lib.trainable_filter(s.trainable)
-    n_trainable = optim_lib.count_params(model, wrt)
+    n_trainable = param_count(model, wrt)
     if n_trainable == 0:
       raise ConfigError(f"config field 'stages.{self.name}.trainable'={s.trainable!r} selects no "
                         "parameter of this model")
@@ -730,7 +731,7 @@ def train(config, workdir: str) -> dict:
     generations = generate_samples(model, teacher, tokenizer, tuple(cfg.eval.prompts),
                                    int(cfg.eval.max_new_tokens))
   summary = {"workdir": workdir, "stages": results, "model_dir": model_dir,
-             "evaluation": evaluation, "generations": generations, "total_params": optim_lib.count_params(model),
+             "evaluation": evaluation, "generations": generations, "total_params": param_count(model),
              "devices": jax.device_count(), "mesh": dict(run.mesh.shape),
              "wall_s": time.time() - t_start, "config": cfg.to_dict()}
   if run.is_main:
